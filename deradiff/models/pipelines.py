@@ -1,0 +1,140 @@
+"""Loading base pipelines and trained LoRAs, with errors that say what is wrong and what to do.
+
+Everything goes through stock diffusers (`DiffusionPipeline.from_pretrained`, `pipe.load_lora_weights`);
+this module only checks inputs first and turns failures into one-line `DeradiffError`s. Weights are read
+from safetensors only (`.bin` files are pickles that can run code when loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from deradiff.errors import DeradiffError
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_METADATA = "deradiff_metadata.json"
+LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # read by deradiff.realign.api for the default beta
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_pipeline(base: str | Path, *, torch_dtype: Any = None, device: Any = None, **kwargs: Any) -> Any:
+    """A diffusers pipeline (SD, SDXL, ...) from a local diffusers folder or a Hugging Face Hub id.
+
+    The class comes from the folder's model_index.json (DiffusionPipeline dispatch). Safety checkers are
+    kept when the model ships one; extra `kwargs` go to `from_pretrained`.
+    """
+    from diffusers import DiffusionPipeline
+
+    source = _pipeline_source(str(base))
+    kwargs.setdefault("use_safetensors", True)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise DeradiffError(f"could not load a diffusers pipeline from '{base}': {_first_line(exc)}") from exc
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _pipeline_source(base: str) -> str:
+    """Validate a local folder (must hold model_index.json) or accept an 'org/name' hub id."""
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise DeradiffError(
+                f"'{base}' is not a diffusers model folder (no model_index.json); save one with "
+                "pipe.save_pretrained(folder) or give a hub id like 'stabilityai/stable-diffusion-xl-base-1.0'"
+            )
+        return str(path)
+    if _HUB_ID.match(base) and not base.startswith((".", "/", "~")):
+        return base
+    raise DeradiffError(f"base model '{base}' does not exist (expected a diffusers folder or a hub id 'org/name')")
+
+
+def read_lora_metadata(lora_dir: str | Path) -> dict[str, Any] | None:
+    """The trainer's deradiff_metadata.json next to the LoRA (base_model, method, beta, ...), or None."""
+    path = Path(lora_dir) / LORA_METADATA
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DeradiffError(f"LoRA metadata '{path}' is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise DeradiffError(f"LoRA metadata '{path}' must hold a JSON object, got {type(data).__name__}")
+    beta = data.get("beta")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0):
+        raise DeradiffError(f"LoRA metadata '{path}': beta must be a positive number, got {beta!r}")
+    return data
+
+
+def load_lora(pipe: Any, lora_dir: str | Path, adapter_name: str | None = None) -> dict[str, Any] | None:
+    """Attach the LoRA in `lora_dir` to `pipe` (stock `load_lora_weights`); returns its deradiff metadata.
+
+    The metadata is also remembered on the pipeline so `deradiff.realign(pipe)` knows beta.
+    """
+    folder = Path(lora_dir).expanduser()
+    weight_name = _lora_weight_file(folder)
+    metadata = read_lora_metadata(folder)
+    before = _adapter_names(pipe)
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if _is_shape_error(exc):
+            raise DeradiffError(
+                f"LoRA at {folder} was trained for a different architecture than this "
+                f"{type(pipe).__name__} ({_first_line(exc, prefer='size mismatch')})"
+            ) from exc
+        raise DeradiffError(f"could not load the LoRA at {folder}: {_first_line(exc)}") from exc
+    if _adapter_names(pipe) == before:
+        raise DeradiffError(
+            f"LoRA at {folder} was trained for a different architecture: none of its weights match this "
+            f"{type(pipe).__name__}"
+        )
+    pipe.__dict__[LORA_METADATA_ATTR] = metadata
+    return metadata
+
+
+def _lora_weight_file(folder: Path) -> str:
+    """The safetensors file to load; refuses missing folders and pickle-only (.bin/.pt) LoRAs."""
+    if not folder.is_dir():
+        raise DeradiffError(f"LoRA folder '{folder}' does not exist (expected a folder with {LORA_WEIGHTS})")
+    if (folder / LORA_WEIGHTS).is_file():
+        return LORA_WEIGHTS
+    candidates = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise DeradiffError(
+            f"LoRA at {folder} has only pickle weights ({', '.join(pickles)}); deradiff loads safetensors only "
+            "because pickles can run code when loaded. Convert once with safetensors.torch.save_file"
+        )
+    if candidates:
+        raise DeradiffError(f"LoRA folder '{folder}' has several .safetensors files ({', '.join(candidates)}); "
+                            f"name the LoRA {LORA_WEIGHTS}")
+    raise DeradiffError(f"LoRA folder '{folder}' has no {LORA_WEIGHTS}")
+
+
+def _adapter_names(pipe: Any) -> set[str]:
+    names: set[str] = set()
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
+        config = getattr(getattr(pipe, component, None), "peft_config", None)
+        if isinstance(config, dict):
+            names |= {f"{component}:{name}" for name in config}
+    return names
+
+
+def _is_shape_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("size mismatch", "shape", "target modules", "not found in the base model"))
+
+
+def _first_line(exc: BaseException, prefer: str = "") -> str:
+    """One line of an exception message for a one-line error (the first containing `prefer` if any)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    preferred = [line for line in lines if prefer and prefer in line]
+    return (preferred or lines or [type(exc).__name__])[0]
