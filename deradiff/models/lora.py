@@ -1,0 +1,151 @@
+"""LoRA on a diffusers UNet: attach, switch off for the reference model, save with provenance metadata.
+
+Why one UNet: the KL reference of Diffusion-DPO / DDPO is the frozen base model, which is exactly the
+adapted UNet with its adapter disabled. Disabling the adapter (peft) instead of keeping a second copy
+halves memory and guarantees the reference and the policy share every base weight bit for bit.
+
+The saved file is diffusers' own format (`pytorch_lora_weights.safetensors` written by
+`save_lora_weights`, with the peft rank/alpha stored in the safetensors metadata), so a stock
+`pipe.load_lora_weights(out_dir)` loads it; `deradiff_metadata.json` next to it records how it was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_NAME = "deradiff_metadata.json"
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP / DeepSpeed / torch.compile wrappers (they all expose `.module` or `_orig_mod`)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def attach_lora(
+    unet: torch.nn.Module,
+    rank: int = 4,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    init: str | bool = "gaussian",
+) -> list[torch.nn.Parameter]:
+    """Freeze `unet`, add a peft LoRA adapter ("default") and return its trainable parameters.
+
+    `alpha` defaults to `rank` (scale 1), the convention of diffusers' LoRA training scripts.
+    Gaussian init (peft: A ~ N(0, 1/r), B = 0) starts the adapted model exactly at the base model.
+    """
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(alpha if alpha is not None else rank),
+        init_lora_weights=init,
+        target_modules=list(target_modules),
+    )
+    unet.add_adapter(config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"LoRA target modules {list(target_modules)} matched no layer of the UNet")
+    for p in params:  # LoRA weights train in fp32 even when the frozen base is bf16/fp16
+        p.data = p.data.float()
+    return params
+
+
+@contextlib.contextmanager
+def adapter_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the frozen base model: the same UNet with its LoRA adapter switched off, restored on exit.
+
+    Yields the unwrapped UNet: call it for the reference pass (usually under `torch.no_grad()`), not the
+    DDP/DeepSpeed wrapper, so no gradient-sync hooks fire for a forward that has no backward.
+    """
+    model = unwrap(unet)
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft key format (what `save_lora_weights` converts for diffusers)."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unwrap(unet)).items()}
+
+
+def _pipeline_class(unet: torch.nn.Module) -> type:
+    """SDXL UNets condition on `text_time` (pooled text + size ids); everything else saves as SD."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+
+
+def save_lora(
+    unet: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    metadata: dict[str, Any],
+    pipeline_cls: type | None = None,
+) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` + `deradiff_metadata.json` atomically.
+
+    Written into a sibling temp dir, then renamed over `out_dir`: a crash mid-save never leaves a
+    half-written LoRA where a loader (or a resumed run) would pick it up. `metadata` should carry
+    base_model, method, beta, loss_type, steps, seed, data_fingerprint; rank/alpha/targets are added here.
+    """
+    model = unwrap(unet)
+    pipeline_cls = pipeline_cls or _pipeline_class(model)
+    peft_config = model.peft_config["default"]
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        pipeline_cls.save_lora_weights(
+            str(tmp),
+            unet_lora_layers=lora_state_dict(model),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=peft_config.to_dict(),
+        )
+        full = {
+            **metadata,
+            "lora_rank": peft_config.r,
+            "lora_alpha": peft_config.lora_alpha,
+            "lora_target_modules": sorted(peft_config.target_modules),
+            "pipeline_class": pipeline_cls.__name__,
+        }
+        (tmp / METADATA_NAME).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_lora_metadata(lora_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `deradiff_metadata.json` of a saved LoRA."""
+    return json.loads((Path(lora_dir) / METADATA_NAME).read_text())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`, replacing an existing `dst` with only a moment where neither name exists."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

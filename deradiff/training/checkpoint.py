@@ -1,0 +1,94 @@
+"""Resumable checkpoints: accelerate `save_state` (model, optimizer, scheduler, RNG) written atomically.
+
+Layout: `output_dir/checkpoints/step-00000100/` holding accelerate's state files, `trainer_state.json`
+(step counters) and `lora/` (the adapter at that step, loadable like the final one). Each is written to a
+temp folder and renamed, so `latest` never points at a half-written checkpoint after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import Accelerator
+
+from deradiff.errors import DeradiffError
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with a trainer state), oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
+    """`None` → start fresh; `latest` → newest checkpoint or fresh if none; else the named folder (must exist)."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / STATE_NAME).is_file():
+        raise DeradiffError(f"resume_from '{resume_from}' is not a checkpoint folder (no {STATE_NAME} in it)")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    state: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+    keep: int = 0,
+) -> Path:
+    """Collective: every process must call it (DeepSpeed shards optimizer state across ranks).
+
+    All ranks write into the same temp folder; the main process renames it after a barrier.
+    """
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG from `path`; returns the saved trainer state."""
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_NAME).read_text())
+
+
+def _prune(output_dir: str | os.PathLike, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

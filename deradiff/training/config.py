@@ -1,0 +1,104 @@
+"""Config sections shared by every trainer (DPO, DDPO): one definition, documented once, here.
+
+A trainer schema composes them, e.g.::
+
+    @dataclass
+    class DPOConfig:
+        output_dir: str = option(help="...")
+        model: ModelSection = option(factory=ModelSection, help="base model")
+        lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
+        optim: OptimSection = option(factory=OptimSection, help="optimizer")
+        train: TrainSection = option(factory=TrainSection, help="loop, precision, checkpoints")
+        tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from deradiff.config import option
+from deradiff.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    """Which base pipeline to adapt."""
+
+    pretrained: str = option("tiny", "base model: 'tiny' (embedded tiny world), a local diffusers folder, or a hub id")
+    revision: str | None = option(None, "hub revision of the base model")
+    variant: str | None = option(None, "weights variant to load, e.g. fp16")
+    resolution: int | None = option(None, "training resolution in pixels (null: the model's native size)")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
+        "auto", "what the UNet predicts; auto: read the scheduler config"
+    )
+
+
+@dataclass
+class LoraSection:
+    """The trained adapter (the base stays frozen)."""
+
+    rank: int = option(4, "LoRA rank r")
+    alpha: float | None = option(None, "LoRA alpha (scale alpha/r); null: equal to rank")
+    target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get LoRA")
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"config key 'lora.rank' must be >= 1, got {self.rank}")
+
+
+@dataclass
+class OptimSection:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = option(1e-4, "peak learning rate")
+    scale_lr: bool = option(False, "multiply lr by the effective batch size (Diffusion-DPO's recipe does)")
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (needs `pip install bitsandbytes`)")
+    max_grad_norm: float | None = option(1.0, "clip gradients to this global norm (null: no clipping)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = option(
+        "constant_with_warmup", "learning-rate schedule (diffusers get_scheduler name)"
+    )
+    warmup_steps: int = option(0, "linear warmup steps")
+
+
+@dataclass
+class TrainSection:
+    """The loop: batch shape, length, precision, checkpoints, resume."""
+
+    max_steps: int = option(100, "optimizer steps to train")
+    micro_batch_size: int = option(4, "samples (DPO: preference pairs) per process per forward")
+    gradient_accumulation_steps: int = option(1, "micro-batches accumulated per optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision; frozen base weights are cast to it")
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    seed: int = option(0, "seed for LoRA init, data order, noise and timesteps (runs are deterministic)")
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many most recent checkpoints to keep (0: keep all)")
+    resume_from: str | None = option(None, "'latest' or a checkpoint folder to continue from exactly")
+    log_every: int = option(1, "log scalars every N steps")
+    allow_tf32: bool = option(True, "allow TF32 matmuls on Ampere+ GPUs")
+    deepspeed_config: str | None = option(
+        None, "DeepSpeed JSON (e.g. launch/zero2.json) when not launched with `accelerate launch --use_deepspeed`"
+    )
+
+    def validate(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class TrackerSection:
+    """Experiment tracking (Weights & Biases or nothing)."""
+
+    backend: Literal["wandb", "none"] = option("wandb", "tracker to log to")
+    mode: Literal["online", "offline", "disabled"] = option(
+        "offline", "W&B mode; online falls back to offline with a warning if W&B cannot start"
+    )
+    project: str = option("deradiff", "W&B project")
+    entity: str | None = option(None, "W&B entity (team)")
+    run_name: str | None = option(None, "W&B run name (default: the output folder name)")
+    tags: list[str] = option([], "W&B tags")

@@ -1,0 +1,47 @@
+"""Trainer name → (config schema, run function), so `deradiff train <name>` needs no edit per method.
+
+A method registers itself at import of its module::
+
+    # deradiff/training/ddpo.py
+    from deradiff.training.registry import TrainerSpec, register_trainer
+    register_trainer(TrainerSpec("ddpo", DDPOConfig, run_ddpo, "configs/tiny/ddpo.yaml", "KL-regularized DDPO"))
+
+and lists its module in `TRAINER_MODULES` below (a module not written yet is skipped). `run(config)`
+returns the summary dict. Keep module-level imports light (torch/diffusers inside `run` where possible)
+so `deradiff --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+TRAINER_MODULES = ("deradiff.training.dpo", "deradiff.training.ddpo")
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    name: str
+    schema: type
+    run: Callable[[Any], dict[str, Any]]
+    default_config: str | None
+    help: str
+
+
+_TRAINERS: dict[str, TrainerSpec] = {}
+
+
+def register_trainer(spec: TrainerSpec) -> None:
+    _TRAINERS[spec.name] = spec
+
+
+def trainers() -> dict[str, TrainerSpec]:
+    """All registered trainers, importing the known trainer modules first."""
+    for module in TRAINER_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return dict(_TRAINERS)

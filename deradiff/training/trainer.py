@@ -1,0 +1,312 @@
+"""The loop shared by every trainer: accelerator, optimizer, accumulation, logging, checkpoints, resume.
+
+A method (DPO, DDPO) supplies only what differs: its model setup and a `step_fn(step) -> metrics` that
+performs ONE optimizer step, usually by calling `trainer.accumulate(step, micro_loss_fn)`. Everything
+else lives here once::
+
+    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg))
+    params = attach_lora(unet, ...)
+    unet = trainer.prepare(unet, params)          # optimizer + lr schedule + accelerate/DeepSpeed wrap
+    summary = trainer.run(lambda step: trainer.accumulate(step, micro_loss), metadata={"method": "dpo", ...})
+
+`micro_loss(micro_step) -> (loss, metrics)`; `micro_step = step * accumulation + i` indexes data and noise
+(see `determinism`), which is what makes `resume_from` exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import InitProcessGroupKwargs
+from tqdm.auto import tqdm
+
+from deradiff.errors import DeradiffError
+from deradiff.models.lora import save_lora
+from deradiff.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from deradiff.training.config import OptimSection, TrackerSection, TrainSection
+from deradiff.training.lock import OutputDirLock
+from deradiff.training.tracking import Tracker, make_tracker
+
+MicroLossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+StepFn = Callable[[int], dict[str, float]]
+
+
+class NonFiniteLossError(DeradiffError):
+    """The loss became NaN/inf: training stops at the named step instead of silently corrupting the adapter."""
+
+
+def build_accelerator(train: TrainSection, output_dir: str) -> Accelerator:
+    """An Accelerator for this launch: gloo on CPU (needed for multi-process CPU and DeepSpeed-on-CPU)."""
+    if train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise DeradiffError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (or no) on CPU")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if _distributed_on_cpu(train) else []
+    plugin = None
+    if train.deepspeed_config:
+        if not Path(train.deepspeed_config).is_file():
+            raise DeradiffError(f"train.deepspeed_config '{train.deepspeed_config}' does not exist")
+        plugin = DeepSpeedPlugin(hf_ds_config=train.deepspeed_config)
+    if train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Accelerator(
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        mixed_precision=train.mixed_precision,
+        project_dir=output_dir,
+        kwargs_handlers=handlers,
+        deepspeed_plugin=plugin,
+    )
+
+
+def _distributed_on_cpu(train: TrainSection) -> bool:
+    """A launcher started us as one of several ranks (or DeepSpeed is on) and there is no GPU: use gloo.
+
+    Single-process runs must not ask for a backend (accelerate would then expect a process group).
+    """
+    launched = os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = bool(train.deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    return not torch.cuda.is_available() and (launched or deepspeed)
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], optim: OptimSection, lr: float) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked (with a clear error if it is not installed)."""
+    cls: Any = torch.optim.AdamW
+    if optim.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DeradiffError("optim.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes") from None
+        cls = bnb.optim.AdamW8bit
+    return cls(
+        params,
+        lr=lr,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        weight_decay=optim.weight_decay,
+        eps=optim.adam_eps,
+    )
+
+
+class Trainer:
+    """Owns the accelerator, optimizer, tracker and the step loop; see the module docstring."""
+
+    def __init__(
+        self,
+        train: TrainSection,
+        optim: OptimSection,
+        tracker: TrackerSection,
+        output_dir: str,
+        config_dict: dict[str, Any] | None = None,
+        tracker_override: Tracker | None = None,
+        sample_unit: str = "samples",
+    ) -> None:
+        self.train_cfg, self.optim_cfg, self.tracker_cfg = train, optim, tracker
+        self.output_dir = Path(output_dir)
+        self.config_dict = config_dict or {}
+        self.sample_unit = sample_unit
+        self.accelerator = build_accelerator(train, output_dir)
+        self._tracker_override = tracker_override
+        self.tracker: Tracker | None = None
+        self.model: torch.nn.Module | None = None
+        self.params: list[torch.nn.Parameter] = []
+
+    # ---- facts about this launch -------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def effective_batch_size(self) -> int:
+        """micro × accumulation × world size: samples behind one optimizer step."""
+        return self.train_cfg.micro_batch_size * self.train_cfg.gradient_accumulation_steps * self.world_size
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype for frozen weights (VAE, text encoders, base UNet): the mixed-precision dtype, else fp32."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> torch.nn.Module:
+        """Build optimizer + lr schedule and wrap everything for DDP/DeepSpeed; returns the wrapped model."""
+        from diffusers.optimization import get_scheduler
+
+        self.params = list(params)
+        if self.train_cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        lr = self.optim_cfg.lr * (self.effective_batch_size if self.optim_cfg.scale_lr else 1)
+        optimizer = make_optimizer(self.params, self.optim_cfg, lr)
+        # accelerate steps a prepared scheduler once per process per optimizer step: scale to match.
+        scheduler = get_scheduler(
+            self.optim_cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=self.optim_cfg.warmup_steps * self.world_size,
+            num_training_steps=self.train_cfg.max_steps * self.world_size,
+        )
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None:  # no dataloader is prepared, so DeepSpeed cannot infer its micro-batch
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.train_cfg.micro_batch_size
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        return self.model
+
+    # ---- one optimizer step ---------------------------------------------------------------------------
+    def accumulate(self, step: int, micro_loss: MicroLossFn) -> dict[str, float]:
+        """Run `gradient_accumulation_steps` micro-batches and one optimizer step; metrics averaged over all."""
+        accum = self.train_cfg.gradient_accumulation_steps
+        totals: dict[str, float] = {}
+        for i in range(accum):
+            micro_step = step * accum + i
+            with self.accelerator.accumulate(self.model):
+                loss, metrics = micro_loss(micro_step)
+                self._check_finite(loss, step, micro_step)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.optim_cfg.max_grad_norm:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm)
+                    if grad_norm is not None:
+                        totals["grad_norm"] = float(grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / accum
+        totals["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        return self._mean_over_processes(totals)
+
+    def _check_finite(self, loss: torch.Tensor, step: int, micro_step: int) -> None:
+        # Reduced first so every rank sees the same verdict and none hangs in the next collective.
+        value = self.accelerator.reduce(loss.detach().float().reshape(1).clone(), reduction="mean")
+        if not torch.isfinite(value).all():
+            raise NonFiniteLossError(
+                f"loss became {float(value[0])} at step {step} (micro-batch {micro_step}); "
+                "training stopped - lower optim.lr, use mixed_precision=no, or check the data"
+            )
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self, step_fn: StepFn, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Lock the output dir, resume if asked, loop to `max_steps`, checkpoint, save the LoRA, summarize."""
+        lock = OutputDirLock(self.output_dir) if self.accelerator.is_main_process else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._run_locked(step_fn, metadata)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_locked(self, step_fn: StepFn, metadata: dict[str, Any]) -> dict[str, Any]:
+        acc, cfg = self.accelerator, self.train_cfg
+        self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process)
+        start = self._resume()
+        self._announce(start)
+        progress = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train")
+        t0, last, step = time.perf_counter(), {}, start
+        for step in range(start, cfg.max_steps):
+            last = step_fn(step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                self.tracker.log_scalars(last, step=step + 1)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                self.checkpoint(step + 1, metadata)
+        progress.close()
+        elapsed = time.perf_counter() - t0
+        if cfg.checkpoint_every:
+            self.checkpoint(cfg.max_steps, metadata)
+        lora_dir = self.save_final(metadata)
+        return self._summarize(start, elapsed, last, lora_dir)
+
+    def _resume(self) -> int:
+        path = resolve_resume(self.output_dir, self.train_cfg.resume_from)
+        if path is None:
+            return 0
+        state = load_checkpoint(self.accelerator, path)
+        if state.get("world_size") not in (None, self.world_size):
+            self.accelerator.print(f"note: resuming a {state['world_size']}-process run with {self.world_size} processes")
+        self.accelerator.print(f"resumed from {path} at step {state['step']}")
+        return int(state["step"])
+
+    def _announce(self, start: int) -> None:
+        cfg = self.train_cfg
+        facts = {
+            "world_size": self.world_size,
+            "micro_batch_size": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "effective_batch_size": self.effective_batch_size,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "trainable_params": sum(p.numel() for p in self.params),
+        }
+        self.tracker.log_config({**self.config_dict, "launch": facts})
+        self.accelerator.print(
+            f"effective batch {self.effective_batch_size} {self.sample_unit} = {cfg.micro_batch_size} micro x "
+            f"{cfg.gradient_accumulation_steps} accumulation x {self.world_size} processes; "
+            f"{facts['trainable_params']:,} trainable params; steps {start}->{cfg.max_steps}"
+        )
+
+    def _lora_metadata(self, metadata: dict[str, Any], step: int) -> dict[str, Any]:
+        return {
+            **metadata,
+            "steps": step,
+            "seed": self.train_cfg.seed,
+            "effective_batch_size": self.effective_batch_size,
+            "world_size": self.world_size,
+        }
+
+    def checkpoint(self, step: int, metadata: dict[str, Any]) -> Path:
+        """Resumable state at `step` (collective; every rank must call)."""
+        state = {"step": step, "world_size": self.world_size, "seed": self.train_cfg.seed}
+        return save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            step,
+            state,
+            write_extra=lambda tmp: save_lora(self.model, tmp / "lora", self._lora_metadata(metadata, step)),
+            keep=self.train_cfg.keep_checkpoints,
+        )
+
+    def save_final(self, metadata: dict[str, Any]) -> Path:
+        """The trained adapter at `output_dir/lora` (main process writes; all wait)."""
+        lora_dir = self.output_dir / "lora"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_lora(self.model, lora_dir, self._lora_metadata(metadata, self.train_cfg.max_steps))
+        self.accelerator.wait_for_everyone()
+        return lora_dir
+
+    def _summarize(self, start: int, elapsed: float, last: dict[str, float], lora_dir: Path) -> dict[str, Any]:
+        steps = self.train_cfg.max_steps - start
+        rate = steps * self.effective_batch_size / elapsed if elapsed > 0 and steps else 0.0
+        summary = {
+            "steps_run": steps,
+            "final_step": self.train_cfg.max_steps,
+            "wall_s": round(elapsed, 3),
+            f"{self.sample_unit}_per_s": round(rate, 3),
+            "effective_batch_size": self.effective_batch_size,
+            "world_size": self.world_size,
+            "lora_dir": str(lora_dir),
+            **{f"final_{k}": v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
+        }
+        if self.accelerator.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.accelerator.print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        self.tracker.finish(summary)
+        return summary
