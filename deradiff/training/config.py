@@ -28,6 +28,7 @@ class ModelSection:
     pretrained: str = option("tiny", "base model: 'tiny' (embedded tiny world), a local diffusers folder, or a hub id")
     revision: str | None = option(None, "hub revision of the base model")
     variant: str | None = option(None, "weights variant to load, e.g. fp16")
+    vae: str | None = option(None, "replacement VAE folder or hub id (SDXL fp16: madebyollin/sdxl-vae-fp16-fix)")
     resolution: int | None = option(None, "training resolution in pixels (null: the model's native size)")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
         "auto", "what the UNet predicts; auto: read the scheduler config"

@@ -15,6 +15,7 @@ else lives here once::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -292,7 +293,18 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return lora_dir
 
+    def adapter_digests(self) -> list[str]:
+        """sha256 (16 hex) of the trainable weights on every rank (collective): all equal unless ranks desynced."""
+        h = hashlib.sha256()
+        for p in self.params:
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        mine = torch.tensor([int(h.hexdigest()[:15], 16)], dtype=torch.int64, device=self.device)
+        return [f"{int(v):015x}" for v in self.accelerator.gather(mine).tolist()]
+
     def _summarize(self, start: int, elapsed: float, last: dict[str, float], lora_dir: Path) -> dict[str, Any]:
+        digests = self.adapter_digests()
+        if len(set(digests)) > 1:
+            self.accelerator.print(f"WARNING: adapters differ across ranks: {digests}")
         steps = self.train_cfg.max_steps - start
         rate = steps * self.effective_batch_size / elapsed if elapsed > 0 and steps else 0.0
         summary = {
@@ -303,6 +315,7 @@ class Trainer:
             "effective_batch_size": self.effective_batch_size,
             "world_size": self.world_size,
             "lora_dir": str(lora_dir),
+            "adapter_digest_per_rank": digests,
             **{f"final_{k}": v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
         }
         if self.accelerator.is_main_process:

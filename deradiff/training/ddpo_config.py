@@ -1,0 +1,124 @@
+"""The DDPO config: the shared trainer sections plus `sample` (the DDIM sampler) and `ddpo` (the objective).
+
+Loop shape (per process): a *round* samples `sample.batch_size * sample.batches_per_round` trajectories
+with the LoRA on, scores them, and then runs `ddpo.inner_epochs` passes of PPO updates over them in
+micro-batches of `train.micro_batch_size`, each micro-batch once per trained timestep. One optimizer step
+accumulates `train.gradient_accumulation_steps` micro-batches x all trained timesteps, so a round is
+`steps_per_round` optimizer steps and `train.max_steps` counts optimizer steps (a multiple of it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from deradiff.config import option
+from deradiff.errors import ConfigError
+from deradiff.training.config import LoraSection, ModelSection, OptimSection, TrackerSection, TrainSection
+
+BETA_HELP = (
+    "KL strength beta >= 0 of the objective E[reward] - beta * KL, where KL is the closed-form KL of the whole "
+    "DDIM chain to the reference (adapter off): sum over sampled steps of ||mu_lora - mu_ref||^2 / (2 sigma_t^2), "
+    "summed over latent dims, in nats per image, rewards in their own units. Realign with "
+    "lambda = beta_trained / beta_target to emulate training at beta_target (0: plain DDPO)"
+)
+
+
+@dataclass
+class SampleSection:
+    """The stochastic DDIM sampler that generates training trajectories (and defines the KL)."""
+
+    num_steps: int = option(50, "DDIM steps per trajectory")
+    eta: float = option(1.0, "DDIM eta (> 0: each step must be a Gaussian with a log-density); 1 = DDPM-like")
+    guidance_scale: float = option(5.0, "classifier-free guidance scale (1: no CFG)")
+    negative_prompt: str = option("", "the unconditional prompt for CFG")
+    batch_size: int = option(8, "trajectories per process per sampling forward")
+    batches_per_round: int = option(4, "sampling batches per round (per process)")
+
+    def validate(self) -> None:
+        if self.eta <= 0:
+            raise ConfigError(f"config key 'sample.eta' must be > 0 (DDPO needs stochastic steps), got {self.eta}")
+        for key in ("num_steps", "batch_size", "batches_per_round"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'sample.{key}' must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class DDPOSection:
+    """The KL-regularized policy-gradient objective."""
+
+    reward: str = option("vividness", "reward name from deradiff.rewards (e.g. vividness, jpeg_compressibility, aesthetic)")
+    prompts: str | list[str] = option(
+        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list"
+    )
+    beta: float = option(0.0, BETA_HELP)
+    kl_in: Literal["reward", "loss"] = option(
+        "reward",
+        "where the KL enters: 'reward' (advantages of reward - beta*KL, sampled once per round) or 'loss' "
+        "(beta*KL_t added per trained step, differentiated through the LoRA mean; scaled like the normalised "
+        "advantages so beta means the same in both)",
+    )
+    clip_range: float = option(1e-4, "PPO clip range on the per-dimension probability ratio")
+    adv_clip_max: float = option(5.0, "clip normalised advantages to [-adv_clip_max, adv_clip_max]")
+    inner_epochs: int = option(1, "PPO passes over each round's samples")
+    timestep_fraction: float = option(1.0, "fraction of the DDIM steps trained per sample (random subset per sample)")
+    stat_buffer_size: int = option(32, "per-prompt reward history for advantage normalisation (0: batch statistics)")
+    stat_min_count: int = option(16, "rewards a prompt needs before its own statistics are used")
+    log_images: int = option(4, "images logged per round (0: none)")
+
+    def validate(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"config key 'ddpo.beta' must be >= 0, got {self.beta}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"config key 'ddpo.timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
+        if self.inner_epochs < 1:
+            raise ConfigError(f"config key 'ddpo.inner_epochs' must be >= 1, got {self.inner_epochs}")
+        if self.clip_range <= 0:
+            raise ConfigError(f"config key 'ddpo.clip_range' must be > 0, got {self.clip_range}")
+
+
+@dataclass
+class DDPOConfig:
+    """`deradiff train ddpo`: KL-regularized DDPO on a LoRA; writes output_dir/lora like every trainer."""
+
+    output_dir: str = option(help="run folder: checkpoints/, lora/, summary.json, wandb/")
+    model: ModelSection = option(factory=ModelSection, help="base model")
+    lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
+    optim: OptimSection = option(factory=OptimSection, help="optimizer")
+    train: TrainSection = option(factory=TrainSection, help="loop, precision, checkpoints (max_steps: optimizer steps)")
+    tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking")
+    sample: SampleSection = option(factory=SampleSection, help="DDIM sampler for trajectories")
+    ddpo: DDPOSection = option(factory=DDPOSection, help="objective: reward, beta, PPO")
+
+    @property
+    def train_timesteps(self) -> int:
+        """DDIM steps trained per sample (at least one)."""
+        return max(1, math.ceil(self.sample.num_steps * self.ddpo.timestep_fraction))
+
+    @property
+    def samples_per_round(self) -> int:
+        """Trajectories one process samples per round."""
+        return self.sample.batch_size * self.sample.batches_per_round
+
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps per round: inner epochs x micro-batches / accumulation."""
+        per_step = self.train.micro_batch_size * self.train.gradient_accumulation_steps
+        return self.ddpo.inner_epochs * self.samples_per_round // per_step
+
+    def validate(self) -> None:
+        per_step = self.train.micro_batch_size * self.train.gradient_accumulation_steps
+        if self.samples_per_round % per_step:
+            raise ConfigError(
+                f"sample.batch_size x sample.batches_per_round ({self.samples_per_round}) must be a multiple of "
+                f"train.micro_batch_size x train.gradient_accumulation_steps ({per_step})"
+            )
+        n = self.steps_per_round
+        if self.train.max_steps % n:
+            raise ConfigError(f"config key 'train.max_steps' must be a multiple of the {n} optimizer steps per round")
+        if self.train.checkpoint_every % n:
+            raise ConfigError(
+                f"config key 'train.checkpoint_every' must be a multiple of the {n} optimizer steps per round "
+                "(checkpoints sit between rounds, so resume is exact)"
+            )
