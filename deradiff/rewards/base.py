@@ -1,0 +1,67 @@
+"""One reward interface and a name -> factory registry.
+
+Every reward, built-in or a lazy wrapper around a real model added elsewhere, is a callable
+`(images [B,3,H,W] in [0,1], prompts) -> FloatTensor[B]` with a `name` and a `higher_is_better` flag, and is
+obtained by name through `get_reward`, so configs can name rewards as plain strings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from deradiff.errors import ConfigError
+
+
+class Reward(ABC):
+    """A per-image score of images given their prompts."""
+
+    name: str = "reward"
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Scores [B] for images [B,3,H,W] in [0,1]; inputs already validated."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Validate shapes/ranges once here, so every reward fails the same clear way on bad input."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward {self.name!r} expects images [B,3,H,W], got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+        return self.score(images.detach().float().clamp(0, 1), list(prompts)).float()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, higher_is_better={self.higher_is_better})"
+
+
+R = TypeVar("R", bound=Callable[..., Reward])
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str) -> Callable[[R], R]:
+    """Decorator registering a Reward class or factory under `name` (names are unique)."""
+
+    def decorator(factory: R) -> R:
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """Registered reward names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_reward(name: str, **kwargs) -> Reward:
+    """Build the reward registered as `name`; an unknown name is a ConfigError listing the known ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
+    reward = _REGISTRY[name](**kwargs)
+    reward.name = name
+    return reward

@@ -1,0 +1,174 @@
+"""Pretrain the tiny world from scratch: fidelity classifier, VAE, then UNet + text encoder on latents.
+
+Run by `deradiff tiny pretrain`. Deterministic from `seed` (single process, fixed torch/numpy generators).
+The VAE is trained first and frozen, the dataset is encoded once, and the UNet and text encoder are trained
+jointly on cached latents, which is what keeps the full run within a few CPU minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from deradiff.config import config_to_dict, option, save_config
+from deradiff.world.classifier import save_classifier, train_classifier
+from deradiff.world.model import assemble_pipeline, build_text_encoder, build_unet, build_vae, save_pipeline
+from deradiff.world.promptset import load_prompts
+from deradiff.world.render import render_batch
+from deradiff.world.spec import parse_prompt
+from deradiff.world.tokenizer import build_tokenizer
+
+
+@dataclass
+class ClassifierTrainConfig:
+    steps: int = option(300, "optimizer steps for the fidelity classifier (fresh renders each step)")
+    batch_size: int = option(64, "images per classifier step")
+    lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
+
+
+@dataclass
+class VaeTrainConfig:
+    steps: int = option(200, "optimizer steps for the VAE (MSE reconstruction + tiny KL)")
+    batch_size: int = option(32, "images per VAE step")
+    lr: float = option(2e-3, "peak learning rate (one-cycle schedule)")
+    kl_weight: float = option(1e-6, "weight of the KL term; tiny, as in SD's VAE, so latents stay informative")
+
+
+@dataclass
+class UnetTrainConfig:
+    steps: int = option(1500, "optimizer steps for the UNet and text encoder (trained jointly)")
+    batch_size: int = option(32, "latents per UNet step")
+    lr: float = option(1.5e-3, "peak learning rate (one-cycle schedule)")
+    caption_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
+    dataset_size: int = option(8192, "rendered training images (encoded once by the frozen VAE)")
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = option("outputs/tiny-pretrain", "where tiny-sd/, classifier.* and summary.json are written")
+    seed: int = option(0, "seed for rendering, initialisation and noise: the run is reproducible from it")
+    classifier: ClassifierTrainConfig = option(factory=ClassifierTrainConfig, help="fidelity classifier training")
+    vae: VaeTrainConfig = option(factory=VaeTrainConfig, help="VAE training")
+    unet: UnetTrainConfig = option(factory=UnetTrainConfig, help="UNet + text encoder training")
+    quality_images: int = option(56, "eval-prompt images generated for the closing quality check (0 = skip)")
+
+
+def _optimizer(params, lr: float, steps: int):
+    """AdamW with a one-cycle schedule: short warm-up, then cosine decay to ~0 by the last step."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    return opt, sched
+
+
+def render_dataset(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+    """`n` training images, each drawn for a uniformly chosen train prompt (its caption)."""
+    prompts = load_prompts("train")
+    captions = [prompts[int(i)] for i in rng.integers(len(prompts), size=n)]
+    images, _ = render_batch([parse_prompt(c) for c in tqdm(captions, desc="render", unit="img")], rng)
+    return images, captions
+
+
+def train_vae(images: torch.Tensor, cfg: VaeTrainConfig, gen: torch.Generator):
+    """Fit the AutoencoderKL, then set its scaling_factor to 1/std of the latents (as SD does)."""
+    vae = build_vae()
+    opt, sched = _optimizer(vae.parameters(), cfg.lr, cfg.steps)
+    bar = tqdm(range(cfg.steps), desc="vae", unit="step")
+    for _ in bar:
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)] * 2 - 1
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval().requires_grad_(False)
+    latents = encode_images(vae, images)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae, latents * vae.config.scaling_factor, float(mse.item())
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Unscaled posterior means for all images (the KL weight is tiny, so the posterior is near-deterministic)."""
+    chunks = [vae.encode(images[i:i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)]
+    return torch.cat(chunks)
+
+
+def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, cfg: UnetTrainConfig,
+               gen: torch.Generator):
+    """Epsilon-prediction training of UNet + text encoder, with empty-caption dropout for CFG."""
+    from deradiff.world.model import build_scheduler
+
+    unet, text_encoder, scheduler = build_unet(latents.shape[-1]), build_text_encoder(tokenizer), build_scheduler()
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    opt, sched = _optimizer(list(unet.parameters()) + list(text_encoder.parameters()), cfg.lr, cfg.steps)
+    bar = tqdm(range(cfg.steps), desc="unet", unit="step")
+    for _ in bar:
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        z0, tok = latents[idx], ids[idx].clone()
+        tok[torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout] = empty[0]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        pred = unet(scheduler.add_noise(z0, noise, t), t, text_encoder(tok)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), float(loss.item())
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    """Train everything, save into cfg.output_dir, measure quality on eval prompts; returns the summary."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    summary: dict = {"seed": cfg.seed}
+    t0 = time.perf_counter()
+    classifier, summary["classifier_acc"] = train_classifier(cfg.classifier.steps, cfg.classifier.batch_size,
+                                                             cfg.classifier.lr, cfg.seed)
+    save_classifier(classifier, out)
+    summary["classifier_s"] = time.perf_counter() - t0
+    images, captions = render_dataset(cfg.unet.dataset_size, rng)
+    t1 = time.perf_counter()
+    vae, latents, summary["vae_mse"] = train_vae(images, cfg.vae, gen)
+    summary["vae_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    tokenizer = build_tokenizer(out / "tokenizer-src")
+    unet, text_encoder, summary["unet_loss"] = train_unet(latents, captions, tokenizer, cfg.unet, gen)
+    summary["unet_s"] = time.perf_counter() - t2
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    save_pipeline(pipe, out / "tiny-sd", out / "tokenizer-src")
+    summary["train_s"] = time.perf_counter() - t0
+    if cfg.quality_images > 0:
+        summary["quality"] = _closing_quality(out, cfg.quality_images)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_config(cfg, out / "pretrain_config.yaml")
+    return summary
+
+
+def _closing_quality(out: Path, n: int) -> dict:
+    """Reload the saved pipeline (proves it round-trips) and judge eval-prompt samples."""
+    from deradiff.world.classifier import load_classifier
+    from deradiff.world.model import load_pipeline
+    from deradiff.world.quality import measure_quality
+
+    prompts = load_prompts("eval")
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    return measure_quality(load_pipeline(out / "tiny-sd"), chosen, list(range(n)), classifier=load_classifier(out))
