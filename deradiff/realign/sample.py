@@ -1,0 +1,209 @@
+"""`deradiff realign`: sample a LoRA at several strengths with shared noise; PNGs, grids and a manifest.
+
+For every prompt, every lambda and every seed, one image; the same seed gives every lambda the same initial
+and per-step noise (one `torch.Generator` per image, seeded from the seed), so a row of the grid differs only
+by strength. Layout of `output_dir`:
+
+    images/p{prompt:03d}_lam{lambda}_seed{seed}.png
+    grids/p{prompt:03d}.png          rows = lambdas (config order), columns = seeds
+    manifest.csv, manifest.json      prompt, seed, lambda, effective beta, file
+    config.yaml                      the config that produced them
+
+This module's top level imports no torch/diffusers, so `deradiff --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from deradiff.config import option, save_config
+from deradiff.errors import ConfigError, DeradiffError
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+
+
+@dataclasses.dataclass
+class RealignConfig:
+    output_dir: str = option(help="folder for images/, grids/, manifest.csv/json (must be empty unless overwrite)")
+    lora_dir: str = option(help="folder with pytorch_lora_weights.safetensors (+ deradiff_metadata.json)")
+    base_model: str | None = option(None, "diffusers folder or hub id; default: the embedded tiny model")
+    lambdas: list[float] = option([0.0, 0.5, 1.0, 2.0], "strengths to sample: 0 base, 1 aligned, 0.5 ~ 2*beta, 2 ~ beta/2")
+    prompts_file: str | None = option(None, "text file, one prompt a line; default: the tiny world's eval prompts")
+    prompts: list[str] = option([], "prompts given inline (used instead of prompts_file when non-empty)")
+    seeds: list[int] = option([0, 1, 2, 3], "one image per seed; every lambda shares each seed's noise")
+    steps: int = option(20, "denoising steps")
+    sampler: Literal["ddim", "ddpm", "euler_a", "euler", "dpm"] = option(
+        "ddim", "scheduler; ddpm, euler_a and ddim with eta>0 are exact, the others approximate")
+    eta: float = option(1.0, "DDIM eta (1 = stochastic, exact; 0 = deterministic, approximate)")
+    guidance: float = option(7.5, "classifier-free guidance scale")
+    height: int | None = option(None, "image height in pixels; default: the model's")
+    width: int | None = option(None, "image width in pixels; default: the model's")
+    beta: float | None = option(None, "KL strength the LoRA was trained at; default: from its deradiff metadata")
+    device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "weights dtype")
+    overwrite: bool = option(False, "allow writing into a non-empty output_dir")
+
+    def validate(self) -> None:
+        from deradiff.realign.mixing import check_lambda
+
+        if not self.lambdas:
+            raise ConfigError("config key 'lambdas' must list at least one value")
+        for i, lam in enumerate(self.lambdas):
+            try:
+                check_lambda(lam, f"lambdas[{i}]")
+            except DeradiffError as exc:
+                raise ConfigError(f"config key {exc}") from None
+        if not self.seeds:
+            raise ConfigError("config key 'seeds' must list at least one seed")
+        if self.steps < 1:
+            raise ConfigError(f"config key 'steps' must be >= 1, got {self.steps}")
+        if self.eta < 0:
+            raise ConfigError(f"config key 'eta' must be >= 0, got {self.eta}")
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"config key '{key}' must be a positive multiple of 8, got {value}")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"config key 'beta' must be > 0, got {self.beta}")
+
+
+def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
+    """Sample every (prompt, lambda, seed); returns the manifest rows (also written to output_dir)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import deradiff
+    from deradiff.models.pipelines import load_lora, load_pipeline
+    from deradiff.realign.mixing import describe_strength, effective_beta
+
+    out = _prepare_output_dir(Path(config.output_dir), config.overwrite)
+    prompts = _prompts(config)
+    device = _device(config.device)
+    pipe = load_pipeline(config.base_model or _tiny_model_dir(), torch_dtype=getattr(torch, config.dtype), device=device)
+    metadata = load_lora(pipe, config.lora_dir) or {}
+    pipe.scheduler = _scheduler(config.sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    beta = config.beta if config.beta is not None else metadata.get("beta")
+    handle = deradiff.realign(pipe, lam=config.lambdas[0], beta=beta)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(prompts) * len(config.lambdas) * len(config.seeds), desc="realign", unit="img")
+    for p, prompt in enumerate(prompts):
+        grid: list[list[Any]] = []
+        for lam in config.lambdas:
+            handle.lam = lam
+            images = _sample(pipe, prompt, config, device)
+            grid.append(images)
+            for seed, image in zip(config.seeds, images):
+                file = Path("images") / f"p{p:03d}_lam{lam:g}_seed{seed}.png"
+                image.save(out / file)
+                eff = effective_beta(beta, lam)
+                rows.append({"prompt_index": p, "prompt": prompt, "seed": seed, "lambda": lam,
+                             "effective_beta": eff if eff not in (None, float("inf")) else None,
+                             "strength": describe_strength(beta, lam), "file": file.as_posix()})
+            bar.update(len(images))
+        _grid(grid).save(out / "grids" / f"p{p:03d}.png")
+    bar.close()
+    handle.undo()
+    _write_manifest(out, rows, config, metadata)
+    return rows
+
+
+def _sample(pipe: Any, prompt: str, config: RealignConfig, device: Any) -> list[Any]:
+    """One image per seed in one batched call; per-image generators keep each seed's noise independent of
+    the batch, so image k equals a single-image call with seed k."""
+    import torch
+
+    gen_device = "cpu" if device.type == "mps" else device
+    generators = [torch.Generator(gen_device).manual_seed(seed) for seed in config.seeds]
+    return pipe(prompt, num_images_per_prompt=len(config.seeds), generator=generators,
+                num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
+                height=config.height, width=config.width, output_type="pil").images
+
+
+def _prepare_output_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise DeradiffError(f"output_dir '{out}' is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DeradiffError(f"output_dir '{out}' is not empty; choose another or pass overwrite=true")
+    for sub in ("images", "grids"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _prompts(config: RealignConfig) -> list[str]:
+    if config.prompts:
+        return list(config.prompts)
+    path = Path(config.prompts_file) if config.prompts_file else _tiny_eval_prompts_file()
+    if not path.is_file():
+        raise DeradiffError(f"prompts_file '{path}' does not exist (expected a text file, one prompt a line)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise DeradiffError(f"prompts_file '{path}' has no prompts")
+    return prompts
+
+
+def _tiny_model_dir() -> str:
+    try:
+        from deradiff.world.paths import TINY_MODEL_DIR
+    except ImportError as exc:
+        raise DeradiffError(f"no base_model given and the embedded tiny model is unavailable ({exc})") from None
+    return str(TINY_MODEL_DIR)
+
+
+def _tiny_eval_prompts_file() -> Path:
+    """The tiny world's eval prompt list (deradiff/world/prompts/eval.txt)."""
+    try:
+        from deradiff.world.paths import PROMPTS_DIR
+    except ImportError as exc:
+        raise DeradiffError(f"no prompts given and the tiny world's prompts are unavailable ({exc})") from None
+    return Path(PROMPTS_DIR) / "eval.txt"
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise DeradiffError(f"device '{name}' is not a torch device ({exc})") from None
+
+
+def _scheduler(sampler: str, scheduler_config: Any) -> Any:
+    import diffusers
+
+    return getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config)
+
+
+def _grid(rows: list[list[Any]]) -> Any:
+    """Rows of equal-size PIL images pasted into one image (rows = lambdas, columns = seeds)."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            grid.paste(image.convert("RGB"), (c * w, r * h))
+    return grid
+
+
+def _write_manifest(out: Path, rows: list[dict[str, Any]], config: RealignConfig, metadata: dict) -> None:
+    with open(out / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    summary = {"grid": {"rows": "lambdas", "columns": "seeds", "lambdas": config.lambdas, "seeds": config.seeds},
+               "lora_metadata": metadata, "images": rows}
+    (out / "manifest.json").write_text(json.dumps(summary, indent=2))
+    save_config(config, out / "config.yaml")
