@@ -1,0 +1,140 @@
+"""`deradiff eval`: sample base, anchor, retrained, realigned and weight-scaled models with shared noise; score,
+compare, plot and report. `run_eval(cfg)` is the one entry (the CLI and the study call it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from deradiff.config import config_to_dict
+from deradiff.errors import DeradiffError
+from deradiff.eval import report
+from deradiff.eval.config import EvalConfig
+from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, resolve_base, sample_distributed
+from deradiff.eval.plan import plan
+from deradiff.eval.sampler import SampleSettings
+from deradiff.eval.scoring import FeatureFn, RewardFn, approximation_errors, classifier_features, error_summary, pixel_features, reward_key, score
+from deradiff.eval.tracking import log_eval
+from deradiff.eval.variants import Variant
+
+RESULTS = "results.json"
+NOTES = ("LPIPS is not computed (no LPIPS weights offline); KID uses {features} features "
+         "(no Inception weights offline); path KL is summed over all DDIM steps (eta = {eta:g}).")
+
+
+@dataclass
+class EvalResult:
+    """What a finished eval hands back: the report path and the full results dict (as in results.json)."""
+
+    report: Path
+    results: dict[str, Any]
+    seconds: float
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to replace finished results unless asked: an eval can take hours on real models."""
+    if (out / RESULTS).exists() and not overwrite:
+        raise DeradiffError(f"'{out}' already holds eval results ({RESULTS}); pass overwrite=true or pick another output_dir")
+
+
+def eval_prompts(cfg: EvalConfig) -> list[str]:
+    if cfg.prompts is not None:
+        return list(cfg.prompts)
+    from deradiff.world import load_prompts
+
+    return list(load_prompts("eval"))[: cfg.num_prompts]
+
+
+def reward_fns(names: Sequence[str]) -> dict[str, RewardFn]:
+    from deradiff.rewards import get_reward
+
+    return {name: get_reward(name) for name in names}
+
+
+def feature_fn(kind: str) -> FeatureFn | None:
+    if kind == "none":
+        return None
+    if kind == "pixels":
+        return pixel_features
+    from deradiff.world.classifier import load_classifier
+
+    return classifier_features(load_classifier())
+
+
+def settings_of(cfg: EvalConfig) -> SampleSettings:
+    s = cfg.sampling
+    return SampleSettings(steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale, height=s.height, width=s.width)
+
+
+def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict[str, RewardFn] | None = None,
+             features: FeatureFn | None | str = "config", tracker_factory: Any = None) -> EvalResult | None:
+    """Run the whole comparison; returns the result on the main process (None on the others)."""
+    from accelerate import PartialState
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.overwrite)
+    anchor, variants = plan(cfg)
+    base_model = cfg.base_model or anchor.base_model
+    if not base_model:
+        raise DeradiffError("no base model: set base_model, or train the anchor with deradiff (metadata base_model)")
+    jobs = make_jobs(eval_prompts(cfg), cfg.seeds)
+    samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, resolve_device(cfg.device))
+    if not PartialState().is_main_process:
+        return None
+    rewards = reward_fns(cfg.rewards) if rewards is None else rewards
+    features = feature_fn(cfg.kid_features) if features == "config" else features
+    results = build_results(cfg, anchor, base_model, variants, samples, jobs, rewards, features)
+    path = write_outputs(out, cfg, variants, samples, jobs, results)
+    log_eval(cfg, variants, samples, jobs, results, out, tracker_factory)
+    return EvalResult(report=path, results=results, seconds=time.perf_counter() - start)
+
+
+def build_results(cfg: EvalConfig, anchor: Any, base_model: str, variants: Sequence[Variant], samples: dict[str, VariantSamples],
+                  jobs: Sequence[Job], rewards: dict[str, RewardFn], features: FeatureFn | None) -> dict[str, Any]:
+    """All numbers of the run in one dict (the content of results.json)."""
+    rows, sample_rows = score(variants, samples, jobs, rewards, features)
+    metric_keys = [reward_key(r) for r in rewards] + ["path_kl", "diversity"]
+    errors = approximation_errors(rows, metric_keys)
+    meta = {"anchor_lora": anchor.path, "beta0": anchor.beta, "method": anchor.method, "base_model": base_model,
+            "num_prompts": len(dict.fromkeys(p for p, _ in jobs)), "num_seeds": len(cfg.seeds), "metric_keys": metric_keys,
+            "notes": NOTES.format(features=cfg.kid_features if features is not None else "no", eta=cfg.sampling.eta),
+            "config": config_to_dict(cfg)}
+    return {"meta": meta, "models": rows, "approximation": errors, "error_summary": error_summary(errors),
+            "samples": sample_rows, "plots": [], "grids": []}
+
+
+def write_outputs(out: Path, cfg: EvalConfig, variants: Sequence[Variant], samples: dict[str, VariantSamples],
+                  jobs: Sequence[Job], results: dict[str, Any]) -> Path:
+    """Plots, grids, samples, results and the HTML report, under `out`."""
+    for sub in ("plots", "grids"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rewards = [k for k in results["meta"]["metric_keys"] if k.startswith("reward_")]
+    results["plots"] = report.write_plots(out, results["models"], results["meta"]["metric_keys"], rewards[0] if rewards else None)
+    results["grids"] = report.write_grids(out, samples, [v.name for v in variants], jobs, cfg.grid_prompts, cfg.grid_seeds)
+    if cfg.save_samples:
+        save_samples(out / "samples.safetensors", samples)
+    report.write_results(out, results)
+    return report.write_html(out, results)
+
+
+def save_samples(path: Path, samples: dict[str, VariantSamples]) -> None:
+    """Every image (uint8) and path KL, keyed '<model>/images' and '<model>/path_kl' (safetensors)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, s in samples.items():
+        tensors[f"{name}/images"] = (s.images.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+        tensors[f"{name}/path_kl"] = s.path_kl.float().contiguous()
+    save_file(tensors, str(path))

@@ -1,0 +1,63 @@
+"""The eval stage's config schema (documented once, here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from deradiff.config import option
+from deradiff.errors import ConfigError
+from deradiff.training.config import TrackerSection
+
+
+@dataclass
+class SamplingSection:
+    """How every model is sampled; identical for all of them, with shared per-(prompt, seed) noise."""
+
+    steps: int = option(20, "DDIM steps")
+    eta: float = option(1.0, "DDIM eta; must be > 0 (stochastic steps: shared per-step noise and a finite path KL)")
+    guidance_scale: float = option(1.0, "classifier-free guidance scale (<= 1: no CFG)")
+    height: int | None = option(None, "image height in pixels (null: the model's native size)")
+    width: int | None = option(None, "image width in pixels (null: the model's native size)")
+    batch_size: int = option(16, "images per UNet batch")
+
+    def validate(self) -> None:
+        if self.eta <= 0:
+            raise ConfigError(f"config key 'sampling.eta' must be > 0 for shared-noise eval, got {self.eta}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("config keys 'sampling.steps' and 'sampling.batch_size' must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Realigned vs retrained: does the anchor LoRA realigned to lambda look like a LoRA retrained at beta0/lambda?"""
+
+    output_dir: str = option(help="folder for results.csv/json, plots, grids and report.html")
+    anchor_lora: str = option(help="the LoRA trained at beta0 (its deradiff metadata gives beta0 and the base model)")
+    retrained_loras: list[str] = option([], "LoRAs retrained at other betas (each beta read from its metadata)")
+    base_model: str | None = option(None, "base pipeline folder or hub id ('tiny': the embedded world); null: the anchor's metadata")
+    lambdas: list[float] | None = option(None, "lambda grid; null: beta0/beta of every retrained LoRA plus extra_lambdas")
+    extra_lambdas: list[float] = option([1.5, 2.0], "lambdas added to the default grid (lambda > 1 extrapolates past beta0)")
+    weight_scaled: bool = option(True, "also evaluate the weight-space baseline: the anchor LoRA scaled by lambda")
+    prompts: list[str] | None = option(None, "prompts; null: the first num_prompts of the tiny world's eval prompts")
+    num_prompts: int = option(4, "how many world eval prompts when prompts is null")
+    seeds: list[int] = option([0, 1, 2, 3], "seeds; each (prompt, seed) gets the same noise for every model")
+    sampling: SamplingSection = option(factory=SamplingSection, help="sampler settings shared by all models")
+    rewards: list[str] = option(["vividness", "fidelity"], "reward names (deradiff.rewards registry) to score")
+    kid_features: Literal["classifier", "pixels", "none"] = option(
+        "classifier", "features for KID: the tiny world's classifier, raw pixels, or skip (no Inception offline)")
+    grid_prompts: int = option(2, "prompts that get an image grid (rows: models, columns: seeds)")
+    grid_seeds: int = option(4, "seed columns per grid")
+    save_samples: bool = option(True, "write every image and path KL to samples.safetensors (uint8)")
+    device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
+    group: str | None = option(None, "W&B group (one per study); null: the output folder name")
+    overwrite: bool = option(False, "replace existing results in output_dir instead of refusing")
+    tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking (one W&B run per evaluated model)")
+
+    def validate(self) -> None:
+        if self.lambdas is not None and any(lam < 0 for lam in self.lambdas):
+            raise ConfigError(f"config key 'lambdas' must hold values >= 0, got {self.lambdas}")
+        if any(lam < 0 for lam in self.extra_lambdas):
+            raise ConfigError(f"config key 'extra_lambdas' must hold values >= 0, got {self.extra_lambdas}")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ConfigError(f"config key 'seeds' must be a non-empty list of distinct seeds, got {self.seeds}")

@@ -1,0 +1,113 @@
+"""Sample every variant on the same (prompt, seed) jobs, split across processes and gathered on the main one."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from deradiff.eval.sampler import SampleSettings, sample
+from deradiff.eval.variants import TimedCall, Variant, model_call
+
+Job = tuple[str, int]  # (prompt, seed)
+Loader = Callable[[str, str, str], Any]  # (base_model, lora_dir, device) -> pipeline carrying that LoRA
+
+
+@dataclass
+class VariantSamples:
+    """All images of one variant in job order, their path KL to base, and the model's own compute time."""
+
+    images: torch.Tensor
+    path_kl: torch.Tensor
+    seconds: float
+
+
+def make_jobs(prompts: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+    """Prompt-major (prompt, seed) pairs: the order of every variant's images."""
+    return [(p, int(s)) for p in prompts for s in seeds]
+
+
+def resolve_base(base_model: str) -> str:
+    """'tiny' names the embedded tiny world model; anything else is a folder or hub id."""
+    if base_model == "tiny":
+        from deradiff.world.paths import TINY_MODEL_DIR
+
+        return TINY_MODEL_DIR
+    return base_model
+
+
+def load_lora_pipeline(base_model: str, lora_dir: str, device: str) -> Any:
+    """The default loader: the base pipeline with one LoRA, on `device`, progress bars off."""
+    from deradiff.models.pipelines import load_lora, load_pipeline
+
+    pipe = load_pipeline(resolve_base(base_model))
+    load_lora(pipe, lora_dir)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: SampleSettings, batch_size: int) -> VariantSamples:
+    """Sample `jobs` with one variant in batches; only the model's own UNet calls are timed."""
+    images, kls, seconds = [], [], 0.0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        with model_call(pipe, variant) as (model, base):
+            timed = TimedCall(model)
+            out = sample(pipe, timed, base, [p for p, _ in chunk], [s for _, s in chunk], settings)
+        images.append(out.images)
+        kls.append(out.path_kl)
+        seconds += timed.seconds
+    if not images:
+        return VariantSamples(torch.zeros(0), torch.zeros(0), 0.0)
+    return VariantSamples(torch.cat(images), torch.cat(kls), seconds)
+
+
+def sample_all(
+    variants: Sequence[Variant], base_model: str, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
+    loader: Loader, device: str, show_progress: bool = True,
+) -> dict[str, VariantSamples]:
+    """Sample every variant on `jobs`, loading each LoRA's pipeline once (variants grouped by LoRA)."""
+    results: dict[str, VariantSamples] = {}
+    bar = tqdm(total=len(variants), desc="eval sampling", unit="model", disable=not show_progress)
+    for lora, group in itertools.groupby(variants, key=lambda v: v.lora):
+        pipe = loader(base_model, lora, device)
+        for variant in group:
+            bar.set_postfix_str(variant.name)
+            results[variant.name] = sample_variant(pipe, variant, jobs, settings, batch_size)
+            bar.update()
+        del pipe
+    bar.close()
+    return results
+
+
+def sample_distributed(
+    variants: Sequence[Variant], base_model: str, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
+    loader: Loader, device: str,
+) -> dict[str, VariantSamples] | None:
+    """Split jobs across accelerate processes, gather on main (None elsewhere); one process: plain call."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return sample_all(variants, base_model, jobs, settings, batch_size, loader, device)
+    with state.split_between_processes(list(jobs)) as mine:
+        local = sample_all(variants, base_model, mine, settings, batch_size, loader, str(state.device) if device == "auto" else device,
+                           show_progress=state.is_main_process)
+    gathered = gather_object([local])
+    return merge(gathered, [v.name for v in variants]) if state.is_main_process else None
+
+
+def merge(parts: Sequence[dict[str, VariantSamples]], names: Sequence[str]) -> dict[str, VariantSamples]:
+    """Concatenate per-process results in rank order (= job order, split_between_processes is contiguous)."""
+    merged = {}
+    for name in names:
+        chunks = [p[name] for p in parts if p[name].images.numel()]
+        merged[name] = VariantSamples(
+            torch.cat([c.images for c in chunks]), torch.cat([c.path_kl for c in chunks]), sum(c.seconds for c in chunks)
+        )
+    return merged

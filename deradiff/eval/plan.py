@@ -1,0 +1,76 @@
+"""Which models one evaluation compares: read the LoRAs' metadata, build the lambda grid and the variants."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from deradiff.errors import DeradiffError
+from deradiff.eval.config import EvalConfig
+from deradiff.eval.variants import Variant
+from deradiff.models.pipelines import read_lora_metadata
+
+REL_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A trained LoRA as the eval needs it: where it is, its KL strength, how it was trained, on what base."""
+
+    path: str
+    beta: float
+    method: str
+    base_model: str | None
+
+
+def read_lora(path: str) -> LoraInfo:
+    """LoraInfo from a LoRA folder's deradiff metadata (beta is required: it places the model on the curve)."""
+    meta = read_lora_metadata(path)
+    if meta is None or meta.get("beta") is None:
+        raise DeradiffError(f"LoRA '{path}' has no deradiff metadata with a beta; eval needs each LoRA's KL strength")
+    return LoraInfo(path=str(path), beta=float(meta["beta"]), method=str(meta.get("method", "unknown")),
+                    base_model=meta.get("base_model"))
+
+
+def default_lambdas(beta0: float, betas: Sequence[float], extra: Sequence[float]) -> list[float]:
+    """beta0/beta for each retrained beta (so each has a realigned twin) plus the extra (lambda > 1) points."""
+    values = [beta0 / b for b in betas] + list(extra)
+    return sorted({round(v, 12) for v in values if not math.isclose(v, 1.0, rel_tol=REL_TOL)})
+
+
+def plan_variants(anchor: LoraInfo, retrained: Sequence[LoraInfo], lambdas: Sequence[float], weight_scaled: bool) -> list[Variant]:
+    """base, the anchor and every retrained LoRA, then realigned (and weight-scaled) anchor at each lambda.
+
+    lambda = 1 is skipped (it is the anchor itself) and so is lambda = 0 (the base itself).
+    """
+    variants = [Variant("base", "base", anchor.path, anchor.method, None)]
+    variants.append(Variant(f"retrained-b{anchor.beta:g}", "retrained", anchor.path, anchor.method, anchor.beta, anchor=True))
+    for info in sorted(retrained, key=lambda r: r.beta):
+        variants.append(Variant(f"retrained-b{info.beta:g}", "retrained", info.path, info.method, info.beta))
+    for lam in (lam for lam in lambdas if lam > 0 and not math.isclose(lam, 1.0, rel_tol=REL_TOL)):
+        variants.append(Variant(f"realigned-l{lam:g}", "realigned", anchor.path, anchor.method, anchor.beta, lam))
+        if weight_scaled:
+            variants.append(Variant(f"weight_scaled-l{lam:g}", "weight_scaled", anchor.path, anchor.method, anchor.beta, lam))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise DeradiffError(f"two evaluated models share a name (duplicate betas or lambdas?): {names}")
+    return variants
+
+
+def target_of(variant: Variant, variants: Sequence[Variant]) -> Variant | None:
+    """The retrained model at the variant's effective beta (what realignment tries to reproduce), if any."""
+    if variant.kind not in ("realigned", "weight_scaled"):
+        return None
+    for other in variants:
+        if other.kind == "retrained" and math.isclose(other.effective_beta, variant.effective_beta, rel_tol=REL_TOL):
+            return other
+    return None
+
+
+def plan(cfg: EvalConfig) -> tuple[LoraInfo, list[Variant]]:
+    """The anchor and the full list of variants for a config."""
+    anchor = read_lora(cfg.anchor_lora)
+    retrained = [read_lora(p) for p in cfg.retrained_loras]
+    lambdas = cfg.lambdas if cfg.lambdas is not None else default_lambdas(anchor.beta, [r.beta for r in retrained], cfg.extra_lambdas)
+    return anchor, plan_variants(anchor, retrained, lambdas, cfg.weight_scaled)

@@ -1,0 +1,179 @@
+"""Everything the eval writes: results CSV/JSON, plots (matplotlib Agg), image grids (PIL) and one HTML report.
+
+The HTML is built from results.json only, and embeds every plot and grid as base64, so it opens anywhere and
+shows exactly the numbers of this run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from deradiff.eval.generate import Job, VariantSamples  # noqa: E402
+
+CURVES = (("retrained", "o-", "retrained"), ("realigned", "s--", "DeRaDiff realigned"), ("weight_scaled", "^:", "weight-scaled LoRA"))
+
+
+def _json_safe(value: Any) -> Any:
+    """inf/nan are not JSON: write them as null (the CSV keeps inf/nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """results.json (everything) plus results.csv (models), approximation.csv and samples.csv."""
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
+    pd.DataFrame(results["models"]).to_csv(out / "results.csv", index=False)
+    pd.DataFrame(results["approximation"]).to_csv(out / "approximation.csv", index=False)
+    pd.DataFrame(results["samples"]).to_csv(out / "samples.csv", index=False)
+
+
+def curve_points(rows: Sequence[dict[str, Any]], kind: str, key: str) -> tuple[list[float], list[float]]:
+    """(effective beta, metric) sorted by beta; the anchor is the lambda = 1 point of every curve."""
+    points = [(r["effective_beta"], r[key]) for r in rows
+              if (r["kind"] == kind or (r.get("anchor") and kind != "base")) and math.isfinite(r["effective_beta"])]
+    points.sort()
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_metric(rows: Sequence[dict[str, Any]], key: str, path: Path) -> None:
+    """Metric vs effective beta (log x): retrained, realigned and weight-scaled curves; base as a line."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for kind, style, label in CURVES:
+        xs, ys = curve_points(rows, kind, key)
+        if len(xs) > 1:
+            ax.plot(xs, ys, style, label=label)
+    base = next(r[key] for r in rows if r["kind"] == "base")
+    ax.axhline(base, color="gray", lw=1, label="base (beta = inf)")
+    ax.set_xscale("log")
+    ax.set_xlabel("effective beta (beta0 / lambda for realigned)")
+    ax.set_ylabel(key)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None:
+    """Reward vs path KL to base: the trade-off each family of models traces."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    base = next(r for r in rows if r["kind"] == "base")
+    for kind, style, label in CURVES:
+        pts = sorted([(r["path_kl"], r[reward]) for r in rows if r["kind"] == kind or (r.get("anchor") and kind != "retrained")])
+        pts = [(base["path_kl"], base[reward])] + pts
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xlabel("path KL to base (nats / image)")
+    ax.set_ylabel(reward)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def to_pil(image: torch.Tensor, scale: int) -> Image.Image:
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    pil = Image.fromarray(array)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
+
+
+def image_grid(samples: dict[str, VariantSamples], names: Sequence[str], indices: Sequence[int], path: Path) -> None:
+    """Rows: models (labelled), columns: the given sample indices (seeds of one prompt)."""
+    first = samples[names[0]].images[indices[0]]
+    scale = max(1, 96 // first.shape[-1])
+    cell_h, cell_w, label_w = first.shape[-2] * scale, first.shape[-1] * scale, 150
+    grid = Image.new("RGB", (label_w + cell_w * len(indices), cell_h * len(names)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, name in enumerate(names):
+        draw.text((4, r * cell_h + cell_h // 2 - 6), name, fill="black")
+        for c, i in enumerate(indices):
+            grid.paste(to_pil(samples[name].images[i], scale), (label_w + c * cell_w, r * cell_h))
+    grid.save(path)
+
+
+def write_grids(out: Path, samples: dict[str, VariantSamples], names: Sequence[str], jobs: Sequence[Job], n_prompts: int, n_seeds: int) -> list[dict[str, str]]:
+    """One grid per prompt (first n_prompts): returns [{prompt, file}] with paths relative to `out`."""
+    grids = []
+    prompts = list(dict.fromkeys(p for p, _ in jobs))[:n_prompts]
+    for k, prompt in enumerate(prompts):
+        indices = [i for i, (p, _) in enumerate(jobs) if p == prompt][:n_seeds]
+        rel = f"grids/grid_{k}.png"
+        image_grid(samples, names, indices, out / rel)
+        grids.append({"prompt": prompt, "file": rel, "seeds": [jobs[i][1] for i in indices]})
+    return grids
+
+
+def write_plots(out: Path, rows: Sequence[dict[str, Any]], metric_keys: Sequence[str], reward: str | None) -> list[str]:
+    """Metric-vs-beta plots for every metric plus the reward/path-KL Pareto plot; relative paths."""
+    files = []
+    for key in metric_keys:
+        rel = f"plots/{key}_vs_beta.png"
+        plot_metric(rows, key, out / rel)
+        files.append(rel)
+    if reward is not None:
+        rel = f"plots/pareto_{reward}_vs_path_kl.png"
+        plot_pareto(rows, reward, out / rel)
+        files.append(rel)
+    return files
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else ("nan" if math.isnan(value) else f"{value:.4g}")
+    return html.escape(str(value))
+
+
+def write_html(out: Path, results: dict[str, Any]) -> Path:
+    """report.html from results.json's content, with every plot and grid embedded (self-contained)."""
+    meta = results["meta"]
+    model_keys = ["name", "kind", "beta", "lambda", "effective_beta", *meta["metric_keys"], "kid_vs_base",
+                  "mse_vs_target", "psnr_vs_target", "kid_vs_target", "model_seconds"]
+    summary = [{"kind": k, **v} for k, v in results["error_summary"].items()]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>deradiff eval</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{margin:4px}</style></head><body>",
+        f"<h1>Realigned vs retrained</h1><p>anchor: {html.escape(meta['anchor_lora'])} (beta0 = {meta['beta0']:g}, "
+        f"method {html.escape(meta['method'])}); base: {html.escape(str(meta['base_model']))}; "
+        f"{meta['num_prompts']} prompts x {meta['num_seeds']} seeds, shared noise; {meta['notes']}</p>",
+        "<h2>Approximation error (|approx - retrained| / |retrained - base|, mean over lambdas)</h2>",
+        _table(summary, ["kind", *meta["metric_keys"]]),
+        "<h2>Models</h2>", _table(results["models"], model_keys),
+        "<h2>Plots</h2>", "".join(f"<img src='{_embed(out / f)}' alt='{html.escape(f)}'>" for f in results["plots"]),
+        "<h2>Image grids (rows: models; columns: seeds)</h2>",
+        "".join(f"<h3>{html.escape(g['prompt'])}</h3><img src='{_embed(out / g['file'])}' alt='{html.escape(g['file'])}'>" for g in results["grids"]),
+        "<h2>Per-lambda approximation errors</h2>",
+        _table(results["approximation"], ["name", "kind", "lambda", "target", "metric", "value", "target_value", "base_value", "normalized_error"]),
+        "</body></html>",
+    ]
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path

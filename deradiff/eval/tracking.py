@@ -1,0 +1,83 @@
+"""Eval logging: one tracker run per evaluated model (consistent config keys: kind, method, beta, lambda,
+effective_beta), all in one W&B group per study, plus one 'report' run carrying the plots.
+
+W&B has no group field in the shared TrackerSection, so the group is passed the way W&B documents for any
+process: the WANDB_RUN_GROUP (and WANDB_JOB_TYPE) environment variables, set only while runs start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deradiff.training.config import TrackerSection
+from deradiff.training.tracking import Tracker, make_tracker
+
+TrackerFactory = Callable[[TrackerSection, str, str], Tracker]  # (section, output_dir, run name) -> tracker
+
+
+@contextlib.contextmanager
+def wandb_group(group: str, job_type: str) -> Iterator[None]:
+    """Set WANDB_RUN_GROUP / WANDB_JOB_TYPE for runs started inside, restoring the previous values."""
+    saved = {k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "WANDB_JOB_TYPE")}
+    os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_JOB_TYPE"] = group, job_type
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def default_factory(section: TrackerSection, output_dir: str, name: str) -> Tracker:
+    return make_tracker(dataclasses.replace(section, run_name=name), output_dir, is_main_process=True)
+
+
+def numbers(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of a results row (what a scalar log accepts)."""
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def png_tensor(path: Path) -> torch.Tensor:
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def log_eval(cfg: Any, variants: Sequence[Any], samples: dict[str, Any], jobs: Sequence[tuple[str, int]],
+             results: dict[str, Any], out: Path, factory: TrackerFactory | None = None) -> None:
+    """Log every model's metrics and sample images, then the report run with plots and the error summary."""
+    if cfg.tracker.backend == "none" or cfg.tracker.mode == "disabled":
+        return
+    factory = factory or default_factory
+    group = cfg.group or out.resolve().name
+    shown = min(len(jobs), cfg.grid_seeds)
+    with wandb_group(group, "eval"):
+        for variant, row in zip(variants, results["models"]):
+            tracker = factory(cfg.tracker, str(out), f"eval-{variant.name}")
+            tracker.log_config({**variant.tracker_config(), "beta0": results["meta"]["beta0"], "group": group})
+            tracker.log_scalars(numbers(row), step=0)
+            tracker.log_images("samples", samples[variant.name].images[:shown], [f"{p} (seed {s})" for p, s in jobs[:shown]], step=0)
+            tracker.finish(numbers(row))
+        log_report(cfg, results, out, factory, group)
+
+
+def log_report(cfg: Any, results: dict[str, Any], out: Path, factory: TrackerFactory, group: str) -> None:
+    """The report run: kind=report, the plots as images and the mean approximation errors as scalars."""
+    tracker = factory(cfg.tracker, str(out), "eval-report")
+    tracker.log_config({"kind": "report", "method": results["meta"]["method"], "beta0": results["meta"]["beta0"], "group": group})
+    summary = {f"approx_error/{kind}/{m}": v for kind, per in results["error_summary"].items() for m, v in per.items()}
+    tracker.log_scalars(numbers(summary), step=0)
+    for rel in results["plots"]:
+        tracker.log_images(f"plots/{Path(rel).stem}", png_tensor(out / rel)[None], [rel], step=0)
+    tracker.finish(numbers(summary))

@@ -1,0 +1,52 @@
+"""Eval metrics against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deradiff.eval import metrics
+
+
+def test_mse_and_psnr_by_hand():
+    a = torch.zeros(2, 3, 2, 2)
+    b = torch.zeros(2, 3, 2, 2)
+    b[0] = 0.1  # mse 0.01 -> psnr 20 dB
+    assert metrics.per_sample_mse(a, b).tolist() == pytest.approx([0.01, 0.0])
+    value = metrics.psnr(a, b)
+    assert value[0].item() == pytest.approx(20.0, abs=1e-4)
+    assert math.isinf(value[1].item())
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        metrics.per_sample_mse(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 4, 4))
+
+
+def test_kid_by_hand_and_properties():
+    x = torch.tensor([[0.0], [1.0]])
+    y = torch.tensor([[1.0], [2.0]])
+    # kernel (xy + 1)^3 with d = 1: kxx offdiag = 1, kyy offdiag = 27, kxy = [1,1,8,27] mean 37/4
+    assert metrics.kid(x, y) == pytest.approx(1 + 27 - 2 * 37 / 4)
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(200, 4, generator=g)
+    assert abs(metrics.kid(big[:100], big[100:])) < 0.05  # same distribution: near 0 (unbiased)
+    assert metrics.kid(big[:100], big[100:] + 2.0) > 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.kid(x[:1], y)
+
+
+def test_within_prompt_diversity_by_hand():
+    images = torch.zeros(4, 1, 1, 2)
+    images[1] = 1.0  # prompt "a": distance sqrt(2)/sqrt(2) = 1
+    prompts = ["a", "a", "b", "b"]  # prompt "b": identical images, distance 0
+    assert metrics.within_prompt_diversity(images, prompts) == pytest.approx(0.5)
+    assert math.isnan(metrics.within_prompt_diversity(images[:2], ["a", "b"]))
+
+
+def test_normalized_error():
+    assert metrics.normalized_error(approx=0.9, target=1.0, base=0.0) == pytest.approx(0.1)
+    assert metrics.normalized_error(approx=0.0, target=1.0, base=0.0) == pytest.approx(1.0)
+    assert math.isnan(metrics.normalized_error(1.0, 2.0, 2.0))
