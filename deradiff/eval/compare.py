@@ -15,7 +15,7 @@ from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.eval import report
 from deradiff.eval.config import EvalConfig
-from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, resolve_base, sample_distributed
+from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, sample_distributed
 from deradiff.eval.plan import plan
 from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.scoring import FeatureFn, RewardFn, approximation_errors, classifier_features, error_summary, pixel_features, reward_key, score

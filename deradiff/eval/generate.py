@@ -30,20 +30,12 @@ def make_jobs(prompts: Sequence[str], seeds: Sequence[int]) -> list[Job]:
     return [(p, int(s)) for p in prompts for s in seeds]
 
 
-def resolve_base(base_model: str) -> str:
-    """'tiny' names the embedded tiny world model; anything else is a folder or hub id."""
-    if base_model == "tiny":
-        from deradiff.world.paths import TINY_MODEL_DIR
-
-        return TINY_MODEL_DIR
-    return base_model
-
-
 def load_lora_pipeline(base_model: str, lora_dir: str, device: str) -> Any:
     """The default loader: the base pipeline with one LoRA, on `device`, progress bars off."""
     from deradiff.models.pipelines import load_lora, load_pipeline
+    from deradiff.training.dpo import resolve_base_model  # 'tiny' -> the embedded world model
 
-    pipe = load_pipeline(resolve_base(base_model))
+    pipe = load_pipeline(resolve_base_model(base_model))
     load_lora(pipe, lora_dir)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

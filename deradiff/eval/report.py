@@ -137,7 +137,7 @@ def _embed(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -151,8 +151,11 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def write_html(out: Path, results: dict[str, Any]) -> Path:
-    """report.html from results.json's content, with every plot and grid embedded (self-contained)."""
+def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: Path | None = None) -> Path:
+    """report.html from results.json's content, with every plot and grid embedded (self-contained).
+
+    `extra_html` (e.g. the study's compute accounting) goes after the summary; `dest` defaults to out/report.html.
+    """
     meta = results["meta"]
     model_keys = ["name", "kind", "beta", "lambda", "effective_beta", *meta["metric_keys"], "kid_vs_base",
                   "mse_vs_target", "psnr_vs_target", "kid_vs_target", "model_seconds"]
@@ -165,15 +168,16 @@ def write_html(out: Path, results: dict[str, Any]) -> Path:
         f"method {html.escape(meta['method'])}); base: {html.escape(str(meta['base_model']))}; "
         f"{meta['num_prompts']} prompts x {meta['num_seeds']} seeds, shared noise; {meta['notes']}</p>",
         "<h2>Approximation error (|approx - retrained| / |retrained - base|, mean over lambdas)</h2>",
-        _table(summary, ["kind", *meta["metric_keys"]]),
-        "<h2>Models</h2>", _table(results["models"], model_keys),
+        html_table(summary, ["kind", *meta["metric_keys"]]),
+        extra_html,
+        "<h2>Models</h2>", html_table(results["models"], model_keys),
         "<h2>Plots</h2>", "".join(f"<img src='{_embed(out / f)}' alt='{html.escape(f)}'>" for f in results["plots"]),
         "<h2>Image grids (rows: models; columns: seeds)</h2>",
         "".join(f"<h3>{html.escape(g['prompt'])}</h3><img src='{_embed(out / g['file'])}' alt='{html.escape(g['file'])}'>" for g in results["grids"]),
         "<h2>Per-lambda approximation errors</h2>",
-        _table(results["approximation"], ["name", "kind", "lambda", "target", "metric", "value", "target_value", "base_value", "normalized_error"]),
+        html_table(results["approximation"], ["name", "kind", "lambda", "target", "metric", "value", "target_value", "base_value", "normalized_error"]),
         "</body></html>",
     ]
-    path = out / "report.html"
+    path = dest or out / "report.html"
     path.write_text("\n".join(parts))
     return path

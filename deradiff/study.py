@@ -1,0 +1,299 @@
+"""`deradiff study`: preference data -> anchor LoRA at beta0 -> K retrained LoRAs -> eval -> report.
+
+Each stage is cached by a hash of its resolved config: its done-marker (stages/<name>.json, holding the key,
+the measured wall time and the result) is written atomically, last. A rerun skips finished stages and
+resumes an interrupted one (training resumes from its latest checkpoint), so a study survives interruption.
+The measured times feed the compute accounting: what sweeping K strengths costs by realignment vs retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from deradiff.config import config_to_dict, load_config, option
+from deradiff.errors import ConfigError
+from deradiff.training.config import TrackerSection
+
+
+@dataclass
+class StudyConfig:
+    """One realignment study: which trainer, which strengths, which eval."""
+
+    output_dir: str = option(help="study folder: prefs/, train/beta*/, eval/, stages/, report.html, summary.json")
+    beta0: float = option(help="KL strength of the anchor LoRA (the one users would train)")
+    betas: list[float] = option(help="the K other strengths that get a retrained LoRA (the ground truth)")
+    method: Literal["dpo", "ddpo"] = option("dpo", "trainer for the anchor and the retrained LoRAs")
+    train_config: str = option("configs/tiny/dpo.yaml", "trainer YAML every LoRA starts from")
+    train_overrides: list[str] = option([], "key=value overrides for every training run (e.g. train.max_steps=40)")
+    make_prefs: bool = option(True, "dpo: generate tiny-world preference pairs into prefs/ when missing (own stage)")
+    eval_config: str = option("configs/tiny/eval.yaml", "eval YAML; anchor/retrained/output_dir are set by the study")
+    eval_overrides: list[str] = option([], "key=value overrides for the eval (e.g. seeds=[0,1])")
+    group: str | None = option(None, "W&B group of every run of this study (null: study-<folder name>)")
+    sweep_sizes: list[int] = option([3, 5, 10], "K values of the realign-vs-retrain savings table")
+    tracker: TrackerSection = option(factory=TrackerSection, help="tracking for every stage (overrides train/eval YAML)")
+
+    def validate(self) -> None:
+        if self.beta0 <= 0 or any(b <= 0 for b in self.betas):
+            raise ConfigError(f"config keys 'beta0' and 'betas' must be > 0, got {self.beta0} and {self.betas}")
+        if self.beta0 in self.betas or len(set(self.betas)) != len(self.betas):
+            raise ConfigError(f"config key 'betas' must be distinct and exclude beta0 ({self.beta0}), got {self.betas}")
+
+
+@dataclass
+class StageRecord:
+    """What one stage did: its measured wall time (from the run that did the work) and its result."""
+
+    name: str
+    key: str
+    seconds: float
+    result: dict[str, Any]
+    skipped: bool = False
+
+
+@dataclass
+class StudyResult:
+    report: Path
+    summary: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+
+
+# ---- stage caching ---------------------------------------------------------------------------------------
+def stage_key(data: Any) -> str:
+    """A short hash of a stage's resolved config (anything JSON can write)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[str, Any]]) -> StageRecord:
+    """Run `fn` unless a done-marker with the same key exists; the marker is written last, atomically."""
+    marker = study_dir / "stages" / f"{name}.json"
+    key = stage_key(key_data)
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            return StageRecord(name, key, done["seconds"], done["result"], skipped=True)
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    write_atomic(marker, json.dumps({"key": key, "seconds": seconds, "result": result}, indent=2, default=str))
+    return StageRecord(name, key, seconds, result)
+
+
+# ---- stage configs ---------------------------------------------------------------------------------------
+def trainer_spec(method: str) -> Any:
+    from deradiff.training.registry import trainers
+
+    return trainers()[method]
+
+
+def prefs_path(cfg: StudyConfig) -> Path:
+    return Path(cfg.output_dir) / "prefs" / "train.parquet"
+
+
+def train_config(cfg: StudyConfig, beta: float) -> Any:
+    """The trainer config for one strength: the study's YAML + overrides, its own folder, its beta."""
+    study = Path(cfg.output_dir)
+    overrides = [*cfg.train_overrides, f"output_dir={study / 'train' / f'beta{beta:g}'}", f"{cfg.method}.beta={beta}"]
+    if cfg.method == "dpo" and cfg.make_prefs:
+        overrides.append(f"data.source={prefs_path(cfg)}")
+    loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, overrides)
+    return replace(loaded, tracker=cfg.tracker)
+
+
+def eval_config(cfg: StudyConfig, anchor: str, retrained: Sequence[str]) -> Any:
+    """The eval config: the study's eval YAML + overrides, pointed at this study's LoRAs and folder."""
+    from deradiff.eval.config import EvalConfig
+
+    overrides = [*cfg.eval_overrides, f"output_dir={Path(cfg.output_dir) / 'eval'}", f"anchor_lora={anchor}",
+                 f"retrained_loras={json.dumps(list(retrained))}", "overwrite=true", f"group={study_group(cfg)}"]
+    return replace(load_config(EvalConfig, cfg.eval_config, overrides), tracker=cfg.tracker)
+
+
+def study_group(cfg: StudyConfig) -> str:
+    return cfg.group or f"study-{Path(cfg.output_dir).resolve().name}"
+
+
+# ---- stages ----------------------------------------------------------------------------------------------
+def prefs_stage(cfg: StudyConfig) -> StageRecord | None:
+    """DPO only: sample and reward-label tiny-world preference pairs (the trainer reads them from prefs/)."""
+    if cfg.method != "dpo" or not cfg.make_prefs:
+        return None
+    tcfg = train_config(cfg, cfg.beta0)
+    key = {"base": tcfg.model.pretrained, "generate": config_to_dict(tcfg.data.generate), "output": str(prefs_path(cfg))}
+
+    def generate() -> dict[str, Any]:
+        from deradiff.data.prefs import generate_preferences
+        from deradiff.training.dpo import resolve_base_model
+
+        info = generate_preferences(resolve_base_model(tcfg.model.pretrained), str(prefs_path(cfg)), tcfg.data.generate)
+        return {"output": str(prefs_path(cfg)), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
+
+    return run_stage(Path(cfg.output_dir), "prefs", key, generate)
+
+
+def train_stage(cfg: StudyConfig, beta: float, upstream: Sequence[str]) -> StageRecord:
+    """Train one LoRA at `beta`; an interrupted run resumes from its latest checkpoint."""
+    tcfg = train_config(cfg, beta)
+    key = {"method": cfg.method, "config": config_to_dict(tcfg), "upstream": list(upstream)}
+
+    def train() -> dict[str, Any]:
+        summary = trainer_spec(cfg.method).run(replace(tcfg, train=replace(tcfg.train, resume_from="latest")))
+        return {"lora_dir": str(summary["lora_dir"]), "beta": beta, "trainer_wall_s": summary.get("wall_s")}
+
+    return run_stage(Path(cfg.output_dir), f"train-{cfg.method}-beta{beta:g}", key, train)
+
+
+def eval_stage(cfg: StudyConfig, anchor: StageRecord, retrained: Sequence[StageRecord]) -> StageRecord:
+    """Compare the anchor realigned (and weight-scaled) with the retrained LoRAs."""
+    from deradiff.eval.compare import run_eval
+
+    ecfg = eval_config(cfg, anchor.result["lora_dir"], [r.result["lora_dir"] for r in retrained])
+    key = {"eval": config_to_dict(ecfg), "upstream": [anchor.key, *(r.key for r in retrained)]}
+
+    def evaluate() -> dict[str, Any]:
+        result = run_eval(ecfg)
+        return {"report": str(result.report), "results": str(Path(ecfg.output_dir) / "results.json")}
+
+    return run_stage(Path(cfg.output_dir), "eval", key, evaluate)
+
+
+# ---- compute accounting ----------------------------------------------------------------------------------
+def per_image_seconds(models: Sequence[dict[str, Any]], kind: str) -> float:
+    """Mean model-only sampling time per image of one kind of model (measured in the eval)."""
+    rows = [r for r in models if r["kind"] == kind and r["n"]]
+    return sum(r["model_seconds"] / r["n"] for r in rows) / len(rows) if rows else float("nan")
+
+
+def savings_table(train_seconds: Sequence[float], retrained_img_s: float, realigned_img_s: float, images: int,
+                  sweep_sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """Cost of exploring K strengths: K trainings vs one training + realignment, from measured times.
+
+    `training only` is the paper's comparison (1 - 1/K); `with sampling` adds drawing `images` images per
+    strength, where a realigned image costs two UNet passes per step instead of one.
+    """
+    t_train = sum(train_seconds) / len(train_seconds)
+    rows = []
+    for k in sweep_sizes:
+        retrain, realign = k * t_train, t_train
+        retrain_all, realign_all = k * (t_train + images * retrained_img_s), t_train + k * images * realigned_img_s
+        rows.append({"K": k, "retrain_s": retrain, "realign_s": realign, "savings_training": 1 - realign / retrain,
+                     "retrain_with_sampling_s": retrain_all, "realign_with_sampling_s": realign_all,
+                     "savings_with_sampling": 1 - realign_all / retrain_all})
+    return rows
+
+
+def accounting(cfg: StudyConfig, records: Sequence[StageRecord], trains: Sequence[StageRecord], results: dict[str, Any]) -> dict[str, Any]:
+    """Stage wall times and the savings table, every number from this study's stage markers and eval."""
+    models = results["models"]
+    images = int(next(r["n"] for r in models if r["kind"] == "base"))
+    ret_s, real_s = per_image_seconds(models, "retrained"), per_image_seconds(models, "realigned")
+    return {
+        "stages": [{"stage": r.name, "seconds": r.seconds, "skipped_this_run": r.skipped} for r in records],
+        "total_seconds": sum(r.seconds for r in records),
+        "train_seconds": [r.seconds for r in trains],
+        "images_per_strength": images,
+        "retrained_image_s": ret_s,
+        "realigned_image_s": real_s,
+        "savings": savings_table([r.seconds for r in trains], ret_s, real_s, images, cfg.sweep_sizes),
+    }
+
+
+# ---- findings and report ---------------------------------------------------------------------------------
+def is_decreasing(values: Sequence[float]) -> bool:
+    return all(b <= a for a, b in zip(values, values[1:]))
+
+
+def findings(results: dict[str, Any]) -> dict[str, Any]:
+    """The study's claims, checked on this run: reward falls with beta (retrained), realigned follows."""
+    from deradiff.eval.report import curve_points
+
+    models = results["models"]
+    reward = next((k for k in results["meta"]["metric_keys"] if k.startswith("reward_")), None)
+    if reward is None:
+        return {}
+    out: dict[str, Any] = {"reward": reward}
+    for kind in ("retrained", "realigned", "weight_scaled"):
+        betas, values = curve_points(models, kind, reward)
+        out[kind] = {"effective_beta": betas, reward: values, "falls_as_beta_grows": is_decreasing(values)}
+    out["mean_normalized_error"] = results["error_summary"]
+    return out
+
+
+def accounting_html(acc: dict[str, Any], found: dict[str, Any]) -> str:
+    """The study section of the report: findings, stage times, the K-strength savings table."""
+    from deradiff.eval.report import html_table
+
+    claims = "".join(f"<li>{k}: reward falls as beta grows: <b>{v['falls_as_beta_grows']}</b></li>"
+                     for k, v in found.items() if isinstance(v, dict) and "falls_as_beta_grows" in v)
+    return (f"<h2>Study findings</h2><ul>{claims}</ul><h2>Compute accounting (measured in this run)</h2>"
+            + html_table(acc["stages"], ["stage", "seconds", "skipped_this_run"])
+            + f"<p>total {acc['total_seconds']:.1f} s; per image: retrained {acc['retrained_image_s']:.4f} s, "
+              f"realigned {acc['realigned_image_s']:.4f} s (model calls only)</p>"
+            + html_table(acc["savings"], list(acc["savings"][0]) if acc["savings"] else []))
+
+
+def write_study_report(cfg: StudyConfig, results: dict[str, Any], acc: dict[str, Any], found: dict[str, Any]) -> Path:
+    """report.html (the eval report plus findings and compute accounting) and summary.json in the study folder."""
+    from deradiff.eval.report import write_html
+
+    study = Path(cfg.output_dir)
+    summary = {"report": str(study / "report.html"), "eval_report": str(study / "eval" / "report.html"),
+               "findings": found, "accounting": acc}
+    write_atomic(study / "summary.json", json.dumps(summary, indent=2, default=str))
+    return write_html(study / "eval", results, extra_html=accounting_html(acc, found), dest=study / "report.html")
+
+
+def run_study(cfg: StudyConfig) -> StudyResult:
+    """All stages in order (finished ones skipped), then the report; returns the report path and summary."""
+    from tqdm.auto import tqdm
+
+    from deradiff.eval.tracking import wandb_group
+
+    records: list[StageRecord] = []
+    bar = tqdm(total=len(cfg.betas) + 3, desc="study", unit="stage")
+    with wandb_group(study_group(cfg), "train"):
+        prefs = prefs_stage(cfg)
+        records += [prefs] if prefs else []
+        bar.update()
+        upstream = [prefs.key] if prefs else []
+        trains = []
+        for beta in [cfg.beta0, *cfg.betas]:
+            bar.set_postfix_str(f"train beta={beta:g}")
+            trains.append(train_stage(cfg, beta, upstream))
+            bar.update()
+        records += trains
+        bar.set_postfix_str("eval")
+        records.append(eval_stage(cfg, trains[0], trains[1:]))
+        bar.update()
+    bar.close()
+    results = json.loads(Path(records[-1].result["results"]).read_text())
+    acc, found = accounting(cfg, records, trains, results), findings(results)
+    report = write_study_report(cfg, results, acc, found)
+    return StudyResult(report=report, summary={"findings": found, "accounting": acc}, stages=records)
+
+
+def format_summary(result: StudyResult) -> str:
+    """The lines the CLI prints at the end: stage times, savings, claims, and where the report is."""
+    acc = result.summary["accounting"]
+    lines = [f"{s['stage']:<28} {s['seconds']:8.1f} s{'  (done earlier)' if s['skipped_this_run'] else ''}" for s in acc["stages"]]
+    lines.append(f"{'total':<28} {acc['total_seconds']:8.1f} s")
+    lines += [f"K={r['K']:<3} realign saves {100 * r['savings_training']:.1f}% of training time "
+              f"({100 * r['savings_with_sampling']:.1f}% incl. sampling)" for r in acc["savings"]]
+    for kind, v in result.summary["findings"].items():
+        if isinstance(v, dict) and "falls_as_beta_grows" in v:
+            lines.append(f"{kind}: reward falls as beta grows: {v['falls_as_beta_grows']}")
+    lines.append(f"report: {result.report}")
+    return "\n".join(lines)

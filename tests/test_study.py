@@ -1,0 +1,135 @@
+"""The study: stage caching/resume, compute accounting by hand, and a fast end-to-end run on tiny random models
+with a stand-in trainer (the real tiny-world study is the slow test in test_study_tiny.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from deradiff import study
+from deradiff.config import load_config
+from deradiff.models.lora import attach_lora, save_lora
+from deradiff.testing import tiny_sd_pipeline
+from deradiff.training.dpo import DPOConfig
+from deradiff.training.registry import TrainerSpec
+
+BETA0 = 500.0
+
+
+def test_run_stage_skips_done_stages_and_reruns_changed_ones(tmp_path):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    first = study.run_stage(tmp_path, "s", {"a": 1}, fn)
+    again = study.run_stage(tmp_path, "s", {"a": 1}, fn)
+    assert (first.skipped, again.skipped, again.result, again.seconds) == (False, True, {"n": 1}, first.seconds)
+    assert study.run_stage(tmp_path, "s", {"a": 2}, fn).result == {"n": 2}
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["s.json"]  # no temp files left
+
+
+def test_interrupted_stage_writes_no_marker_and_reruns(tmp_path):
+    def boom():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study.run_stage(tmp_path, "s", {}, boom)
+    assert not (tmp_path / "stages" / "s.json").exists()
+    assert study.run_stage(tmp_path, "s", {}, lambda: {"ok": True}).skipped is False
+
+
+def test_savings_table_by_hand():
+    (row,) = study.savings_table([10.0, 10.0], retrained_img_s=0.1, realigned_img_s=0.2, images=10, sweep_sizes=[3])
+    assert row["savings_training"] == pytest.approx(2 / 3)  # paper: 66.7% at K=3
+    assert row["retrain_with_sampling_s"] == pytest.approx(33.0)
+    assert row["realign_with_sampling_s"] == pytest.approx(16.0)
+    assert row["savings_with_sampling"] == pytest.approx(1 - 16 / 33)
+    ten = study.savings_table([5.0], 0.0, 0.0, 1, [10])[0]
+    assert ten["savings_training"] == pytest.approx(0.9)
+
+
+def test_shipped_study_configs_load():
+    for path in Path("configs").glob("*/study*.yaml"):
+        cfg = load_config(study.StudyConfig, path)
+        assert cfg.beta0 not in cfg.betas, path
+
+
+# ---- fast end to end ------------------------------------------------------------------------------------
+def _fake_trainer(base_dir: Path):
+    """Stands in for DPO: the LoRA moves the model along one fixed direction, by beta0/beta (weaker KL, further)."""
+
+    def run(cfg: DPOConfig) -> dict:
+        pipe = tiny_sd_pipeline(seed=0)
+        attach_lora(pipe.unet, rank=4)
+        gen = torch.Generator().manual_seed(3)
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=gen) * 0.3 * BETA0 / cfg.dpo.beta
+        lora = save_lora(pipe.unet, Path(cfg.output_dir) / "lora", {"base_model": str(base_dir), "method": "dpo", "beta": cfg.dpo.beta})
+        return {"lora_dir": str(lora), "wall_s": 0.0}
+
+    return TrainerSpec("dpo", DPOConfig, run, None, "fake")
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    tiny_sd_pipeline(seed=0).save_pretrained(root / "base")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(study, "trainer_spec", lambda method: _fake_trainer(root / "base"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    overrides = [f"output_dir={root / 'run'}", f"beta0={BETA0}", "betas=[250.0, 1000.0]", "make_prefs=false",
+                 "tracker.backend=none",
+                 'eval_overrides=["prompts=[red circle, blue square]", "seeds=[0,1,2]", "sampling.steps=4", '
+                 '"rewards=[vividness]", "kid_features=pixels", "extra_lambdas=[1.5]"]']
+    cfg = load_config(study.StudyConfig, "configs/tiny/study.yaml", overrides)
+    try:
+        first = study.run_study(cfg)
+        second = study.run_study(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    return cfg, first, second
+
+
+def test_study_report_exists_with_its_images_and_accounting(finished_study):
+    cfg, first, _ = finished_study
+    page = first.report.read_text()
+    assert first.report == Path(cfg.output_dir) / "report.html"
+    results = json.loads((Path(cfg.output_dir) / "eval" / "results.json").read_text())
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == len(results["plots"]) + len(results["grids"])
+    assert "Compute accounting" in page and "Study findings" in page
+
+
+def test_every_accounting_number_comes_from_the_stage_markers(finished_study):
+    cfg, first, _ = finished_study
+    acc = json.loads((Path(cfg.output_dir) / "summary.json").read_text())["accounting"]
+    markers = {p.stem: json.loads(p.read_text()) for p in (Path(cfg.output_dir) / "stages").glob("*.json")}
+    assert {s["stage"] for s in acc["stages"]} == set(markers)
+    for s in acc["stages"]:
+        assert s["seconds"] == markers[s["stage"]]["seconds"]
+    assert acc["train_seconds"] == [markers[f"train-dpo-beta{b:g}"]["seconds"] for b in (500, 250, 1000)]
+    assert [r["K"] for r in acc["savings"]] == [3, 5, 10]
+
+
+def test_rerun_skips_every_stage(finished_study):
+    _, first, second = finished_study
+    assert not any(r.skipped for r in first.stages)
+    assert all(r.skipped for r in second.stages)
+    assert [r.seconds for r in second.stages] == [r.seconds for r in first.stages]
+    assert "(done earlier)" in study.format_summary(second)
+
+
+def test_findings_recorded_for_every_curve(finished_study):
+    _, first, _ = finished_study
+    found = first.summary["findings"]
+    assert found["reward"] == "reward_vividness"
+    assert found["retrained"]["effective_beta"] == [250.0, 500.0, 1000.0]
+    assert found["realigned"]["effective_beta"] == pytest.approx([250.0, 1000 / 3, 500.0, 1000.0])
