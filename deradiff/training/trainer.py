@@ -259,7 +259,8 @@ class Trainer:
         self.tracker.log_config({**self.config_dict, "launch": facts})
         self.accelerator.print(
             f"effective batch {self.effective_batch_size} {self.sample_unit} = {cfg.micro_batch_size} micro x "
-            f"{cfg.gradient_accumulation_steps} accumulation x {self.world_size} processes; "
+            f"{cfg.gradient_accumulation_steps} accumulation x {self.world_size} processes "
+            f"({facts['distributed_type']}); "
             f"{facts['trainable_params']:,} trainable params; steps {start}->{cfg.max_steps}"
         )
 
