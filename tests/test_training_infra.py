@@ -136,3 +136,28 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
         live.wait()
     with OutputDirLock(tmp_path) as lock:  # owner now dead: stale lock taken over
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+
+
+def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
+    import wandb
+
+    from deradiff.training.tracking import WandbTracker
+
+    modes = []
+    real_init = wandb.init
+
+    def fake_init(mode, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise RuntimeError("no network")
+        return real_init(mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.warns(UserWarning, match="logging offline instead"):
+        tracker = WandbTracker(TrackerSection(mode="online"), str(tmp_path), "t")
+    tracker.log_scalars({"loss": 1.0}, step=1)
+    tracker.log_images("samples", torch.rand(2, 3, 8, 8), ["a", "b"], step=1)
+    tracker.finish({"final_loss": 1.0})
+    assert modes == ["online", "offline"]
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/*.png"))
