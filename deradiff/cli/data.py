@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from deradiff.cli.common import add_config_arguments, config_from_args
 from deradiff.config import option
 from deradiff.training.dpo import PrefsSection  # light module: dataclasses only at import
 
 
+PREFS_FILE = "train.parquet"
+
+
 @dataclass
 class PrefsConfig:
     """Where to write the pairs and how to make them."""
 
-    output: str = option("outputs/tiny/prefs/train.parquet", "parquet file to write (Pick-a-Pic columns)")
+    output_dir: str = option("outputs/tiny/prefs", "folder for train.parquet (Pick-a-Pic columns)")
     base_model: str = option("tiny", "model that samples the pairs: 'tiny' or a diffusers folder")
     generate: PrefsSection = option(factory=PrefsSection, help="sampling and labelling")
 
@@ -33,6 +37,7 @@ def _prefs(args: argparse.Namespace) -> int:
     from deradiff.training.dpo import resolve_base_model
 
     cfg = config_from_args(PrefsConfig, args)
-    result = generate_preferences(resolve_base_model(cfg.base_model), cfg.output, cfg.generate)
+    output = Path(cfg.output_dir) / PREFS_FILE
+    result = generate_preferences(resolve_base_model(cfg.base_model), str(output), cfg.generate)
     print(json.dumps(result, indent=2))
     return 0
