@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pandas as pd
@@ -143,3 +144,35 @@ def test_refuses_to_overwrite_results(finished, loras):
     out, _, _ = finished
     with pytest.raises(DeradiffError, match="overwrite=true"):
         run_eval(_config(out, loras), rewards={"brightness": brightness}, features=None)
+
+
+def _two_process_eval(cfg: EvalConfig, marker_dir: str) -> None:
+    """Runs in each of 2 gloo processes: record the world size, then the same eval as one process did."""
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+
+    from deradiff.eval.generate import process_state
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from pytest: start from a clean state
+    os.environ["OMP_NUM_THREADS"] = "1"  # else accelerate sets 2 threads per process on a 2-core box
+    state = process_state()
+    torch.set_num_threads(1)
+    (Path(marker_dir) / f"rank{state.process_index}").write_text(str(state.num_processes))
+    run_eval(cfg, rewards={"brightness": brightness}, features=pixel_features)
+
+
+def test_two_processes_split_sampling_and_gather_the_same_results(finished, loras, tmp_path):
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
+
+    _, single, _ = finished
+    cfg = _config(tmp_path / "two", loras, "tracker.backend=none")
+    debug_launcher(lambda: _two_process_eval(cfg, str(tmp_path)), num_processes=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*")) == ["2", "2"]  # really two processes
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for a, b in zip(single.results["samples"], two["samples"]):
+        assert (a["name"], a["prompt"], a["seed"]) == (b["name"], b["prompt"], b["seed"])
+        assert b["reward_brightness"] == pytest.approx(a["reward_brightness"], abs=1e-5)
+        assert b["path_kl"] == pytest.approx(a["path_kl"], rel=1e-4, abs=1e-6)

@@ -15,7 +15,7 @@ from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.eval import report
 from deradiff.eval.config import EvalConfig
-from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, sample_distributed
+from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
 from deradiff.eval.plan import plan
 from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.scoring import FeatureFn, RewardFn, approximation_errors, classifier_features, error_summary, pixel_features, reward_key, score
@@ -80,8 +80,6 @@ def settings_of(cfg: EvalConfig) -> SampleSettings:
 def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict[str, RewardFn] | None = None,
              features: FeatureFn | None | str = "config", tracker_factory: Any = None) -> EvalResult | None:
     """Run the whole comparison; returns the result on the main process (None on the others)."""
-    from accelerate import PartialState
-
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
@@ -91,7 +89,7 @@ def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict
         raise DeradiffError("no base model: set base_model, or train the anchor with deradiff (metadata base_model)")
     jobs = make_jobs(eval_prompts(cfg), cfg.seeds)
     samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, resolve_device(cfg.device))
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return None
     rewards = reward_fns(cfg.rewards) if rewards is None else rewards
     features = feature_fn(cfg.kid_features) if features == "config" else features

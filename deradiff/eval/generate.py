@@ -76,15 +76,23 @@ def sample_all(
     return results
 
 
+def process_state() -> Any:
+    """accelerate's PartialState; on CPU-only launches (ACCELERATE_USE_CPU=1 torchrun / accelerate launch, or
+    accelerate's debug_launcher) it must be told `cpu=True` or it silently reports a single process."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def sample_distributed(
     variants: Sequence[Variant], base_model: str, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
     loader: Loader, device: str,
 ) -> dict[str, VariantSamples] | None:
     """Split jobs across accelerate processes, gather on main (None elsewhere); one process: plain call."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = process_state()
     if state.num_processes == 1:
         return sample_all(variants, base_model, jobs, settings, batch_size, loader, device)
     with state.split_between_processes(list(jobs)) as mine:
