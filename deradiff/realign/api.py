@@ -100,7 +100,7 @@ class RealignHandle:
         if step == 0:
             if not is_hooked(scheduler):  # the user swapped schedulers after realign()
                 self._hook(scheduler)
-            denoiser.schedule.check_length(_num_steps(scheduler))
+            denoiser.check_length(_num_steps(scheduler))
         if lam not in (0.0, 1.0) and _guidance_rescale(self.pipe) > 0:
             raise DeradiffError(
                 f"guidance_rescale={_guidance_rescale(self.pipe):g} cannot be combined with realignment "
@@ -122,19 +122,23 @@ class RealignHandle:
 
 
 def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = None,
-            beta: float | None = None) -> RealignHandle:
+            beta: float | None = None, batch_branches: bool | None = None) -> RealignHandle:
     """Realign `pipe` to strength beta/lam; calling it again on the same pipe just updates lam (and beta).
 
     lam: a float >= 0, a list with one value per denoising step, or `fn(step_index, timestep) -> float`.
     aligned_unet: a separately fine-tuned denoiser (two-model mode); otherwise the pipeline's UNet must carry
     a peft LoRA adapter (reference = adapter off). beta: the KL strength the aligned model was trained at
     (default: from the LoRA's deradiff metadata when it was loaded with deradiff.models.load_lora).
+    batch_branches: True = adapter-off and adapter-on branches in one stacked forward per step (LoRA mode),
+    False = two calls, None = auto (stacked on accelerators, two calls on CPU); see RealignedDenoiser.
     """
     handle = pipe.__dict__.get(HANDLE_ATTR)
     if handle is not None and handle.active:
         if aligned_unet is None or aligned_unet is handle.denoiser.aligned_model:
             handle.lam = lam
             handle.beta = beta if beta is not None else handle.beta
+            if batch_branches is not None:
+                handle.denoiser.batch_branches = batch_branches
             return handle
         handle.undo()
     component = _denoiser_component(pipe)
@@ -143,7 +147,8 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
         _check_compatible(model, aligned_unet)
         aligned_unet.to(device=model.device, dtype=model.dtype)
     handle = RealignHandle(pipe, component, model, beta if beta is not None else _metadata_beta(pipe))
-    denoiser = RealignedDenoiser(model, lam, aligned_model=aligned_unet, on_step=handle._on_step)
+    denoiser = RealignedDenoiser(model, lam, aligned_model=aligned_unet, on_step=handle._on_step,
+                                 batch_branches=batch_branches)
     denoiser.training = model.training
     handle._install(denoiser)
     return handle

@@ -6,8 +6,13 @@ It replaces `pipe.unet` (or `pipe.transformer`) so that *any* diffusers pipeline
 
 Two ways to get the two predictions:
 - one model carrying a peft LoRA adapter: reference = adapters disabled, aligned = the model as the user set
-  it (active adapters and their weights). One set of weights in memory.
-- two models: `model` (reference) and `aligned_model` (e.g. a fully fine-tuned UNet).
+  it (active adapters and their weights). One set of weights in memory, and by default ONE forward per step:
+  the batch is stacked [x; x] and the LoRA layers apply the adapter to the second half only
+  (`deradiff.realign.batched`); where that cannot be exact it falls back to two calls (`fallback_reason()`).
+- two models: `model` (reference) and `aligned_model` (e.g. a fully fine-tuned UNet): always two calls.
+
+lam 0 and lam 1 are one plain forward of one model (bitwise the stock pipeline). A lambda *sweep* sets
+per-trajectory lambdas (`use_trajectories`, see `deradiff.realign.sweep`): each batch row then gets its own.
 
 CFG is linear, so mixing the batched cond/uncond outputs here equals mixing after guidance.
 """
@@ -16,16 +21,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from deradiff.errors import DeradiffError
+from deradiff.realign.batched import BranchBatcher, RowCall, bind_call, device_of, output_sample, replace_sample
 from deradiff.realign.mixing import LambdaSchedule, LambdaSpec, mix_predictions
 
 # Called before every denoiser call with (denoiser, step_index, timestep, lam); step 0 starts a sampling run.
 StepHook = Callable[["RealignedDenoiser", int, float, float], None]
+
+
+class Trajectories(Protocol):
+    """Per-row lambdas for a batch of trajectories (implemented by `deradiff.realign.sweep.TrajectoryLambdas`)."""
+
+    def at(self, step: int, timestep: float) -> list[float]: ...
+
+    def check_length(self, num_steps: int) -> None: ...
+
+    def predict(self, denoiser: "RealignedDenoiser", lams: list[float], args: tuple, kwargs: dict) -> Any: ...
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -61,10 +77,19 @@ def _adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
 
 
 class RealignedDenoiser(nn.Module):
-    """Wraps a diffusers UNet/transformer; each call returns (1-l)*pred_ref + l*pred_aligned."""
+    """Wraps a diffusers UNet/transformer; each call returns (1-l)*pred_ref + l*pred_aligned.
+
+    batch_branches: True evaluates both branches in one stacked forward wherever peft can do it exactly;
+    False always runs two sequential calls (half the activation memory); None (default, "auto") batches on
+    accelerators and runs two calls on CPU. Why CPU stays on two calls by default: real-size models are
+    compute-bound there (stacking saves little, see docs/benchmarks.md) while activations double, and two
+    calls keep CPU results bitwise equal to the stock two-prediction rule. The stacked batch is not bitwise
+    equal at batch 1: MKL's sgemm uses another kernel below 4 rows (the per-sample time-embedding Linears
+    see 2 rows with CFG, 4 when stacked), a ~1e-7 relative rounding difference.
+    """
 
     def __init__(self, model: nn.Module, lam: LambdaSpec = 0.5, aligned_model: nn.Module | None = None,
-                 on_step: StepHook | None = None):
+                 on_step: StepHook | None = None, batch_branches: bool | None = None):
         super().__init__()
         self.model = model
         self.aligned_model = aligned_model
@@ -74,9 +99,13 @@ class RealignedDenoiser(nn.Module):
                 f"the {type(model).__name__} has no enabled LoRA adapter to realign; load one "
                 "(deradiff.models.load_lora) or pass aligned_unet= (a fine-tuned copy)"
             )
+        self._batcher = BranchBatcher(model, self._lora_layers) if aligned_model is None else None
+        self.batch_branches = batch_branches
         self.schedule = LambdaSchedule(lam)
         self.on_step = on_step
+        self.trajectories: Trajectories | None = None
         self.last_lam: float | None = None
+        self.last_path: str | None = None  # "single", "batched" or "two-call": how the last call ran
         self.reset()
 
     # --- what pipelines read ---------------------------------------------------------------------------
@@ -116,22 +145,53 @@ class RealignedDenoiser(nn.Module):
         self._step = 0
         self._last_t: float | None = None
 
+    def check_length(self, num_steps: int) -> None:
+        """Refuse per-step lambda lists whose length is not the sampler's number of steps."""
+        if self.trajectories is not None:
+            self.trajectories.check_length(num_steps)
+        else:
+            self.schedule.check_length(num_steps)
+
+    @contextlib.contextmanager
+    def use_trajectories(self, trajectories: Trajectories) -> Iterator[None]:
+        """Within the block every batch row follows its own lambda (a sweep); outside, `lam` applies again."""
+        previous, self.trajectories = self.trajectories, trajectories
+        self.reset()
+        try:
+            yield
+        finally:
+            self.trajectories = previous
+            self.reset()
+
+    def fallback_reason(self) -> str | None:
+        """Why mixing steps would run two forwards instead of one stacked forward (None: they would not)."""
+        if self._batcher is None:
+            return "two-model mode: the aligned model is a separate set of weights"
+        if self.batch_branches is False:
+            return "batch_branches is off"
+        if self.batch_branches is None and _device_type(self.model) == "cpu":
+            return "batch_branches=None (auto) runs two calls on CPU; pass batch_branches=True to stack"
+        return self._batcher.reason()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         timestep = _timestep_value(args, kwargs)
         if self._last_t is not None and timestep > self._last_t:
             self.reset()  # fallback when nobody called reset(): timesteps only decrease within one run
         step = self._step
-        lam = self.schedule.at(step, timestep)
+        lams = self.trajectories.at(step, timestep) if self.trajectories is not None else None
+        lam = _representative(lams) if lams is not None else self.schedule.at(step, timestep)
         if self.on_step is not None:
             self.on_step(self, step, timestep, lam)
         self._step, self._last_t, self.last_lam = step + 1, timestep, lam
-        if lam == 0.0:
-            return self.predict_reference(*args, **kwargs)
-        if lam == 1.0:
-            return self.predict_aligned(*args, **kwargs)
+        if lams is not None:
+            return self.trajectories.predict(self, lams, args, kwargs)
+        if lam in (0.0, 1.0):
+            self.last_path = "single"
+            return self.predict_reference(*args, **kwargs) if lam == 0.0 else self.predict_aligned(*args, **kwargs)
         ref, aligned = self.predict_both(*args, **kwargs)
-        return _replace_sample(aligned, mix_predictions(_sample(ref), _sample(aligned), lam))
+        return replace_sample(aligned, mix_predictions(output_sample(ref), output_sample(aligned), lam))
 
+    # --- the two branches ------------------------------------------------------------------------------
     def predict_reference(self, *args: Any, **kwargs: Any) -> Any:
         if self.aligned_model is not None:
             return self.model(*args, **kwargs)
@@ -143,8 +203,66 @@ class RealignedDenoiser(nn.Module):
         return model(*args, **kwargs)
 
     def predict_both(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        """(reference output, aligned output). Two forwards; the place for a batched single forward later."""
+        """(reference output, aligned output): one stacked forward when possible, else two calls."""
+        call = self._batchable_call(args, kwargs)
+        if call is not None:
+            rows = range(call.rows)
+            result = self._batcher.run(call, rows, rows)
+            if result is not None:
+                output, ref, aligned = result
+                self.last_path = "batched"
+                return replace_sample(output, ref), replace_sample(output, aligned)
+        self.last_path = "two-call"
         return self.predict_reference(*args, **kwargs), self.predict_aligned(*args, **kwargs)
+
+    def predict_rows(self, args: tuple, kwargs: dict, ref_rows: list[int],
+                     aligned_rows: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(an output to reuse as structure, reference predictions of `ref_rows`, aligned of `aligned_rows`).
+
+        For sweeps: only the rows (and branches) that some trajectory needs are computed, in one forward when
+        possible; otherwise two calls on the row subsets (or, when the call cannot be split by rows, two full
+        calls from which the rows are taken).
+        """
+        call = self._batchable_call(args, kwargs)
+        if call is not None:
+            result = self._batcher.run(call, ref_rows, aligned_rows)
+            if result is not None:
+                self.last_path = "batched"
+                return result
+        self.last_path = "two-call"
+        call = call or bind_call(self.model, args, kwargs)
+        if call is None:
+            ref_out, aligned_out = self.predict_reference(*args, **kwargs), self.predict_aligned(*args, **kwargs)
+            return aligned_out, output_sample(ref_out)[ref_rows], output_sample(aligned_out)[aligned_rows]
+        ref_out = self.predict_reference(**call.select(_index(ref_rows, call))) if ref_rows else None
+        aligned_out = self.predict_aligned(**call.select(_index(aligned_rows, call))) if aligned_rows else None
+        template = aligned_out if aligned_out is not None else ref_out
+        return template, _sample_or_none(ref_out), _sample_or_none(aligned_out)
+
+    def _batchable_call(self, args: tuple, kwargs: dict) -> RowCall | None:
+        if self.fallback_reason() is not None:
+            return None
+        return bind_call(self.model, args, kwargs)
+
+
+def _device_type(model: nn.Module) -> str:
+    device = getattr(model, "device", None)
+    if device is None:
+        device = next(model.parameters()).device
+    return torch.device(device).type
+
+
+def _representative(lams: list[float]) -> float:
+    """The lambda the step hooks see for a sweep: a mixing one if any row mixes (checks apply), else the first."""
+    return next((lam for lam in lams if lam not in (0.0, 1.0)), lams[0])
+
+
+def _index(rows: list[int], call: RowCall) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device_of(call))
+
+
+def _sample_or_none(output: Any) -> torch.Tensor | None:
+    return None if output is None else output_sample(output)
 
 
 def _timestep_value(args: tuple, kwargs: dict) -> float:
@@ -155,23 +273,3 @@ def _timestep_value(args: tuple, kwargs: dict) -> float:
     if isinstance(t, torch.Tensor):
         return float(t.reshape(-1)[0])
     return float(t)
-
-
-def _sample(output: Any) -> torch.Tensor:
-    """The prediction tensor inside a model output (tuple with return_dict=False, or a BaseOutput)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output[next(iter(output.keys()))]
-
-
-def _replace_sample(output: Any, sample: torch.Tensor) -> Any:
-    """`output` with its prediction replaced by `sample`, keeping the structure the pipeline expects."""
-    if isinstance(output, torch.Tensor):
-        return sample
-    if isinstance(output, tuple):
-        return (sample, *output[1:])
-    fields = dict(output.items())
-    fields[next(iter(fields))] = sample
-    return type(output)(**fields)

@@ -2,7 +2,8 @@
 
 For every prompt, every lambda and every seed, one image; the same seed gives every lambda the same initial
 and per-step noise (one `torch.Generator` per image, seeded from the seed), so a row of the grid differs only
-by strength. Layout of `output_dir`:
+by strength. All lambdas x seeds of a prompt are sampled as one batch of trajectories (up to `max_batch`,
+`deradiff.realign.sweep`): one denoiser call per step instead of one per lambda. Layout of `output_dir`:
 
     images/p{prompt:03d}_lam{lambda}_seed{seed}.png
     grids/p{prompt:03d}.png          rows = lambdas (config order), columns = seeds
@@ -52,6 +53,7 @@ class RealignConfig:
     device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "weights dtype")
     overwrite: bool = option(False, "allow writing into a non-empty output_dir")
+    max_batch: int = option(8, "most images (lambdas x seeds) per pipeline call; lambdas beyond it run in more calls")
 
     def validate(self) -> None:
         from deradiff.realign.mixing import check_lambda
@@ -73,6 +75,8 @@ class RealignConfig:
             value = getattr(self, key)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"config key '{key}' must be a positive multiple of 8, got {value}")
+        if self.max_batch < 1:
+            raise ConfigError(f"config key 'max_batch' must be >= 1, got {self.max_batch}")
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"config key 'beta' must be > 0, got {self.beta}")
 
@@ -98,11 +102,8 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(prompts) * len(config.lambdas) * len(config.seeds), desc="realign", unit="img")
     for p, prompt in enumerate(prompts):
-        grid: list[list[Any]] = []
-        for lam in config.lambdas:
-            handle.lam = lam
-            images = _sample(pipe, prompt, config, device)
-            grid.append(images)
+        grid = _sample_lambdas(pipe, prompt, config, device)
+        for lam, images in zip(config.lambdas, grid):
             for seed, image in zip(config.seeds, images):
                 file = Path("images") / f"p{p:03d}_lam{lam:g}_seed{seed}.png"
                 image.save(out / file)
@@ -118,16 +119,16 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _sample(pipe: Any, prompt: str, config: RealignConfig, device: Any) -> list[Any]:
-    """One image per seed in one batched call; per-image generators keep each seed's noise independent of
-    the batch, so image k equals a single-image call with seed k."""
-    import torch
+def _sample_lambdas(pipe: Any, prompt: str, config: RealignConfig, device: Any) -> list[list[Any]]:
+    """images[lambda][seed] for one prompt, all lambdas as one batch of trajectories (up to max_batch); each
+    image has its own generator from its seed, so it equals a single-image call with that seed and lambda."""
+    from deradiff.realign.sweep import sweep
 
-    gen_device = "cpu" if device.type == "mps" else device
-    generators = [torch.Generator(gen_device).manual_seed(seed) for seed in config.seeds]
-    return pipe(prompt, num_images_per_prompt=len(config.seeds), generator=generators,
-                num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
-                height=config.height, width=config.width, output_type="pil").images
+    result = sweep(pipe, [prompt], config.seeds, config.lambdas, max_batch=config.max_batch,
+                   generator_device="cpu" if device.type == "mps" else device, num_inference_steps=config.steps,
+                   guidance_scale=config.guidance, eta=config.eta, height=config.height, width=config.width,
+                   output_type="pil")
+    return [per_prompt[0] for per_prompt in result.images]
 
 
 def _prepare_output_dir(out: Path, overwrite: bool) -> Path:
