@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from deradiff.realign import api
 
         return getattr(api, name)
+    if name in ("world", "rewards", "config"):
+        import importlib
+
+        return importlib.import_module(f"deradiff.{name}")
     raise AttributeError(f"module 'deradiff' has no attribute {name!r}")
