@@ -85,7 +85,9 @@ def test_half_equals_explicit_two_prediction_loop(lora_sd_pipe, scheduler, eta):
     realigned = sample(pipe, eta=eta)
     deradiff.unrealign(pipe)
     expected = explicit_mixture(pipe, 0.5, eta)
-    torch.testing.assert_close(realigned, expected, rtol=1e-5, atol=1e-5)
+    # One stacked forward may round differently from two calls (~1e-7 relative per matmul), so the
+    # tolerance scales with the latents; a wrong mixture is off by orders of magnitude more.
+    torch.testing.assert_close(realigned, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert not torch.allclose(realigned, stock(pipe, adapters=True, eta=eta))
 
 

@@ -79,13 +79,11 @@ def _adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
 class RealignedDenoiser(nn.Module):
     """Wraps a diffusers UNet/transformer; each call returns (1-l)*pred_ref + l*pred_aligned.
 
-    batch_branches: True evaluates both branches in one stacked forward wherever peft can do it exactly;
-    False always runs two sequential calls (half the activation memory); None (default, "auto") batches on
-    accelerators and runs two calls on CPU. Why CPU stays on two calls by default: real-size models are
-    compute-bound there (stacking saves little, see docs/benchmarks.md) while activations double, and two
-    calls keep CPU results bitwise equal to the stock two-prediction rule. The stacked batch is not bitwise
-    equal at batch 1: MKL's sgemm uses another kernel below 4 rows (the per-sample time-embedding Linears
-    see 2 rows with CFG, 4 when stacked), a ~1e-7 relative rounding difference.
+    batch_branches: True or None (default) evaluate both branches in one stacked forward wherever peft can
+    do it exactly; False always runs two sequential calls (half the activation memory, for tight memory).
+    The stacked batch is mathematically the two-call rule but not always bitwise equal to it: e.g. MKL's
+    sgemm uses another kernel below 4 rows (the per-sample time-embedding Linears see 2 rows with CFG, 4
+    when stacked), a ~1e-7 relative rounding difference.
     """
 
     def __init__(self, model: nn.Module, lam: LambdaSpec = 0.5, aligned_model: nn.Module | None = None,
@@ -169,8 +167,6 @@ class RealignedDenoiser(nn.Module):
             return "two-model mode: the aligned model is a separate set of weights"
         if self.batch_branches is False:
             return "batch_branches is off"
-        if self.batch_branches is None and _device_type(self.model) == "cpu":
-            return "batch_branches=None (auto) runs two calls on CPU; pass batch_branches=True to stack"
         return self._batcher.reason()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -243,13 +239,6 @@ class RealignedDenoiser(nn.Module):
         if self.fallback_reason() is not None:
             return None
         return bind_call(self.model, args, kwargs)
-
-
-def _device_type(model: nn.Module) -> str:
-    device = getattr(model, "device", None)
-    if device is None:
-        device = next(model.parameters()).device
-    return torch.device(device).type
 
 
 def _representative(lams: list[float]) -> float:
