@@ -88,7 +88,7 @@ def _metadata(cfg: DDPOConfig, base: str, engine: Any) -> dict[str, Any]:
         "base_model": cfg.model.pretrained,
         "base_model_path": base,
         "method": "ddpo",
-        "beta": cfg.ddpo.beta,
+        "beta": cfg.ddpo.beta or None,  # 0 = unregularized DDPO: no beta for realign to rescale
         "reward": cfg.ddpo.reward,
         "kl_in": cfg.ddpo.kl_in,
         "kl_convention": "sum over DDIM steps and latent dims of ||mu_lora - mu_ref||^2 / (2 sigma_t^2), nats",

@@ -35,11 +35,14 @@ class SampleSection:
     negative_prompt: str = option("", "the unconditional prompt for CFG")
     batch_size: int = option(8, "trajectories per process per sampling forward")
     batches_per_round: int = option(4, "sampling batches per round (per process)")
+    images_per_prompt: int = option(
+        1, "trajectories per drawn prompt in a round (>1: per-prompt baselines from the first round; 1: published DDPO)"
+    )
 
     def validate(self) -> None:
         if self.eta <= 0:
             raise ConfigError(f"config key 'sample.eta' must be > 0 (DDPO needs stochastic steps), got {self.eta}")
-        for key in ("num_steps", "batch_size", "batches_per_round"):
+        for key in ("num_steps", "batch_size", "batches_per_round", "images_per_prompt"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'sample.{key}' must be >= 1, got {getattr(self, key)}")
 
@@ -109,6 +112,11 @@ class DDPOConfig:
 
     def validate(self) -> None:
         per_step = self.train.micro_batch_size * self.train.gradient_accumulation_steps
+        if self.samples_per_round % self.sample.images_per_prompt:
+            raise ConfigError(
+                f"sample.images_per_prompt ({self.sample.images_per_prompt}) must divide the "
+                f"{self.samples_per_round} trajectories per round (sample.batch_size x sample.batches_per_round)"
+            )
         if self.samples_per_round % per_step:
             raise ConfigError(
                 f"sample.batch_size x sample.batches_per_round ({self.samples_per_round}) must be a multiple of "

@@ -84,7 +84,8 @@ class DDPOEngine:
         cfg, rank = self.cfg, self.acc.process_index
         gen = step_generator(cfg.train.seed, index, rank)
         n = cfg.samples_per_round
-        prompt_ids = torch.randint(len(self.prompts), (n,), generator=gen)
+        k = cfg.sample.images_per_prompt
+        prompt_ids = torch.randint(len(self.prompts), (n // k,), generator=gen).repeat_interleave(k)
         prompts = [self.prompts[i] for i in prompt_ids.tolist()]
         parts = [self._sample_batch(prompts[k : k + cfg.sample.batch_size], gen) for k in range(0, n, cfg.sample.batch_size)]
         latents, log_probs, kl, rewards = (torch.cat([p[i] for p in parts]) for i in range(4))
