@@ -41,7 +41,7 @@ class Round:
     cond: torch.Tensor  # [N, L, D]
     uncond: torch.Tensor | None
     advantages: torch.Tensor  # [N], normalised and clipped
-    adv_std: torch.Tensor  # [N], the reward std each advantage was divided by
+    reward_scale: float  # the round's mean normalising std: scales the KL loss term like the advantages
     sample_order: torch.Tensor  # [inner_epochs, N] PPO shuffles
     step_order: torch.Tensor  # [inner_epochs, N, train_timesteps] which DDIM steps each sample trains
     metrics: dict[str, float]
@@ -92,11 +92,11 @@ class DDPOEngine:
         cond = torch.cat([p[4] for p in parts])
         uncond = torch.cat([p[5] for p in parts]) if self.use_cfg else None
         path_kl = kl.sum(dim=1)
-        adv, adv_std, metrics = self._advantages(prompt_ids, rewards, path_kl)
+        adv, reward_scale, metrics = self._advantages(prompt_ids, rewards, path_kl)
         orders = self._ppo_orders(gen, n)
         images = decode_latents(self.pipe.vae, latents[: cfg.ddpo.log_images, -1]) if cfg.ddpo.log_images else latents[:0]
         return Round(index, prompts, latents, log_probs, self.scheduler.timesteps.clone(), cond, uncond,
-                     adv, adv_std, *orders, metrics, images, rewards)
+                     adv, reward_scale, *orders, metrics, images, rewards)
 
     def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         cond, uncond = self.encode(prompts)
@@ -112,7 +112,7 @@ class DDPOEngine:
         return traj.latents, traj.log_probs, traj.kl, rewards, cond, uncond if uncond is not None else cond[:0]
 
     def _advantages(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, path_kl: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, float, dict[str, float]]:
         """Global (all-rank) advantages of reward (- beta*KL when kl_in=reward); returns this rank's slice."""
         d = self.cfg.ddpo
         all_ids = self.acc.gather(prompt_ids.to(self.acc.device)).cpu()
@@ -127,7 +127,7 @@ class DDPOEngine:
             "kl": float(all_kl.mean()), "kl_max": float(all_kl.max()), "objective": float(objective.mean()),
         }
         adv = adv[mine].clamp(-d.adv_clip_max, d.adv_clip_max)
-        return adv.to(self.acc.device), std[mine].to(self.acc.device), metrics
+        return adv.to(self.acc.device), float(std.mean()), metrics
 
     def _ppo_orders(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per inner epoch: a sample shuffle, and per sample a random subset/order of the DDIM steps."""
@@ -159,20 +159,23 @@ class DDPOEngine:
         metrics = {"ppo_loss": float(stats.loss), "clip_fraction": float(stats.clip_fraction),
                    "approx_kl": float(stats.approx_kl)}
         if cfg.ddpo.kl_in == "loss" and cfg.ddpo.beta > 0:
-            kl_term = self._kl_term(step.mean, step.std, x_t, t, rnd.cond[idx], uncond, rnd.adv_std[idx])
+            kl_term = self._kl_term(step.mean, step.std, x_t, t, rnd.cond[idx], uncond, rnd.reward_scale)
             loss = loss + kl_term
             metrics["kl_loss"] = float(kl_term.detach())
         return loss, metrics
 
     def _kl_term(self, mean: torch.Tensor, std: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 cond: torch.Tensor, uncond: torch.Tensor | None, adv_std: torch.Tensor) -> torch.Tensor:
-        """beta * KL_t / (D * reward_std): the same scale as the per-dimension, std-normalised PPO term.
+                 cond: torch.Tensor, uncond: torch.Tensor | None, reward_scale: float) -> torch.Tensor:
+        """beta * KL_t / (D * std): the same scale as the per-dimension, std-normalised PPO term.
 
         PPO's gradient at ratio 1 is -A/D * grad log p with A = (r - baseline)/std, i.e. grad E[r] / (D std);
-        dividing beta*KL by D*std keeps reward and KL in the proportion of E[r] - beta*KL.
+        dividing beta*KL by D*std keeps reward and KL in the proportion of E[r] - beta*KL. `std` is the
+        round's mean normalising std (not each prompt's own, which can be ~0 when a prompt's rewards tie).
+        The gradient flows through mu_lora at fixed x_t (pathwise; the dependence of x_t on theta is not
+        differentiated, as in DPOK).
         """
         with torch.no_grad(), adapter_disabled(self.model) as ref:
             ref_eps = guided_denoiser(ref, cond, uncond, self.cfg.sample.guidance_scale)(x_t, t)
             ref_mean = ddim_transition(self.scheduler, ref_eps, t, x_t, self.cfg.sample.eta).mean
         kl = gaussian_kl_same_std(mean, ref_mean, std)
-        return (self.cfg.ddpo.beta * kl / (self.latent_dims * adv_std)).mean()
+        return self.cfg.ddpo.beta * kl.mean() / (self.latent_dims * reward_scale)
