@@ -121,3 +121,17 @@ def test_resume_continues_exactly_and_kl_loss_path(tiny_base: str, tmp_path: Pat
     b = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_lora_loads_and_realigns_with_its_beta(tiny_base: str, tmp_path: Path) -> None:
+    """The DDPO LoRA is an ordinary deradiff LoRA: stock loading, and realign reads beta from its metadata."""
+    import deradiff
+    from deradiff.models.pipelines import load_lora, load_pipeline
+
+    run_ddpo(_cfg(tiny_base, tmp_path, "ddpo.beta=0.5", "train.max_steps=2"), tracker=RecordingTracker())
+    pipe = load_pipeline(tiny_base)
+    assert load_lora(pipe, tmp_path / "lora")["beta"] == 0.5
+    handle = deradiff.realign(pipe, 0.5)
+    assert handle.effective_beta == pytest.approx(1.0)
+    image = pipe(["red"], num_inference_steps=2, eta=1.0, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()

@@ -21,7 +21,14 @@ from deradiff.losses.ddpo import (
     ppo_clipped_loss,
 )
 from deradiff.models.lora import adapter_disabled, unwrap
-from deradiff.sampling.ddim import ddim_transition, ddpo_scheduler, decode_latents, guided_denoiser, sample_with_logprob
+from deradiff.sampling.ddim import (
+    Trajectory,
+    ddim_transition,
+    ddpo_scheduler,
+    decode_latents,
+    guided_denoiser,
+    sample_with_logprob,
+)
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.determinism import step_generator
 from deradiff.training.dpo_step import training_resolution
@@ -87,10 +94,12 @@ class DDPOEngine:
         k = cfg.sample.images_per_prompt
         prompt_ids = torch.randint(len(self.prompts), (n // k,), generator=gen).repeat_interleave(k)
         prompts = [self.prompts[i] for i in prompt_ids.tolist()]
-        parts = [self._sample_batch(prompts[k : k + cfg.sample.batch_size], gen) for k in range(0, n, cfg.sample.batch_size)]
-        latents, log_probs, kl, rewards = (torch.cat([p[i] for p in parts]) for i in range(4))
-        cond = torch.cat([p[4] for p in parts])
-        uncond = torch.cat([p[5] for p in parts]) if self.use_cfg else None
+        size = cfg.sample.batch_size
+        parts = [self._sample_batch(prompts[start : start + size], gen) for start in range(0, n, size)]
+        trajs, rewards = [t for t, _ in parts], torch.cat([r for _, r in parts])
+        latents, log_probs, kl = (torch.cat([getattr(t, f) for t in trajs]) for f in ("latents", "log_probs", "kl"))
+        cond = torch.cat([t.prompt_embeds for t in trajs])
+        uncond = torch.cat([t.negative_embeds for t in trajs]) if self.use_cfg else None
         path_kl = kl.sum(dim=1)
         adv, reward_scale, metrics = self._advantages(prompt_ids, rewards, path_kl)
         orders = self._ppo_orders(gen, n)
@@ -98,7 +107,8 @@ class DDPOEngine:
         return Round(index, prompts, latents, log_probs, self.scheduler.timesteps.clone(), cond, uncond,
                      adv, reward_scale, *orders, metrics, images, rewards)
 
-    def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
+        """Trajectories with the LoRA on (KL to the adapter-off reference per step) and their rewards."""
         cond, uncond = self.encode(prompts)
         with self.acc.autocast():
             traj = sample_with_logprob(
@@ -109,7 +119,7 @@ class DDPOEngine:
             )
         images = decode_latents(self.pipe.vae, traj.final)
         rewards = torch.as_tensor(self.reward_fn(images, prompts), dtype=torch.float32).to(self.acc.device)
-        return traj.latents, traj.log_probs, traj.kl, rewards, cond, uncond if uncond is not None else cond[:0]
+        return traj, rewards
 
     def _advantages(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, path_kl: torch.Tensor
                     ) -> tuple[torch.Tensor, float, dict[str, float]]:
