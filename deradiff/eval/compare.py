@@ -81,6 +81,8 @@ def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict
              features: FeatureFn | None | str = "config", tracker_factory: Any = None) -> EvalResult | None:
     """Run the whole comparison; returns the result on the main process (None on the others)."""
     start = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
     anchor, variants = plan(cfg)

@@ -49,6 +49,7 @@ class EvalConfig:
     grid_prompts: int = option(2, "prompts that get an image grid (rows: models, columns: seeds)")
     grid_seeds: int = option(4, "seed columns per grid")
     save_samples: bool = option(True, "write every image and path KL to samples.safetensors (uint8)")
+    threads: int = option(0, "torch CPU threads (0: torch's default); 1 is far faster on small shared CPUs")
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     group: str | None = option(None, "W&B group (one per study); null: the output folder name")
     overwrite: bool = option(False, "replace existing results in output_dir instead of refusing")

@@ -93,17 +93,20 @@ def to_pil(image: torch.Tensor, scale: int) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def image_grid(samples: dict[str, VariantSamples], names: Sequence[str], indices: Sequence[int], path: Path) -> None:
-    """Rows: models (labelled), columns: the given sample indices (seeds of one prompt)."""
+def image_grid(samples: dict[str, VariantSamples], names: Sequence[str], indices: Sequence[int], path: Path,
+               column_labels: Sequence[str] = ()) -> None:
+    """Rows: models (labelled), columns: the given sample indices (seeds of one prompt, labelled)."""
     first = samples[names[0]].images[indices[0]]
     scale = max(1, 96 // first.shape[-1])
-    cell_h, cell_w, label_w = first.shape[-2] * scale, first.shape[-1] * scale, 150
-    grid = Image.new("RGB", (label_w + cell_w * len(indices), cell_h * len(names)), "white")
+    cell_h, cell_w, label_w, top = first.shape[-2] * scale, first.shape[-1] * scale, 150, 16
+    grid = Image.new("RGB", (label_w + cell_w * len(indices), top + cell_h * len(names)), "white")
     draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels):
+        draw.text((label_w + c * cell_w + 4, 2), label, fill="black")
     for r, name in enumerate(names):
-        draw.text((4, r * cell_h + cell_h // 2 - 6), name, fill="black")
+        draw.text((4, top + r * cell_h + cell_h // 2 - 6), name, fill="black")
         for c, i in enumerate(indices):
-            grid.paste(to_pil(samples[name].images[i], scale), (label_w + c * cell_w, r * cell_h))
+            grid.paste(to_pil(samples[name].images[i], scale), (label_w + c * cell_w, top + r * cell_h))
     grid.save(path)
 
 
@@ -114,7 +117,7 @@ def write_grids(out: Path, samples: dict[str, VariantSamples], names: Sequence[s
     for k, prompt in enumerate(prompts):
         indices = [i for i, (p, _) in enumerate(jobs) if p == prompt][:n_seeds]
         rel = f"grids/grid_{k}.png"
-        image_grid(samples, names, indices, out / rel)
+        image_grid(samples, names, indices, out / rel, [f"seed {jobs[i][1]}" for i in indices])
         grids.append({"prompt": prompt, "file": rel, "seeds": [jobs[i][1] for i in indices]})
     return grids
 
