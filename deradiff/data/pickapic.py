@@ -98,12 +98,16 @@ def _parquet_files(source: str, path: Path) -> list[str]:
     return []
 
 
-def clean_pairs(raw, max_pairs: int | None = None, num_proc: int | None = None):
-    """(Dataset[caption, jpg_w, jpg_l], CleaningStats): ties/bad labels dropped, undecodable skipped, oriented."""
+def clean_pairs(raw, max_pairs: int | None = None, num_proc: int | None = None, source: str | None = None):
+    """(Dataset[caption, jpg_w, jpg_l], CleaningStats): ties/bad labels dropped, undecodable skipped, oriented.
+
+    `source` only names the data in error messages.
+    """
+    name = f"preference data '{source}'" if source else "preference data"
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.column_names]
     if missing:
         raise DeradiffError(
-            f"preference data lacks column(s) {', '.join(missing)}; expected the Pick-a-Pic schema "
+            f"{name} lacks column(s) {', '.join(missing)}; expected the Pick-a-Pic schema "
             f"({', '.join(REQUIRED_COLUMNS)}), found {', '.join(raw.column_names)}"
         )
     stats = CleaningStats(rows=len(raw))
@@ -118,10 +122,11 @@ def clean_pairs(raw, max_pairs: int | None = None, num_proc: int | None = None):
     stats.undecodable = len(decided) - len(readable)
     stats.kept = len(readable)
     if stats.undecodable:
-        warnings.warn(f"skipped {stats.undecodable} preference pairs with undecodable images")
+        warnings.warn(f"skipped {stats.undecodable} preference pairs with undecodable images in {name}")
     log.info(stats.line())
     if stats.kept == 0:
-        raise DeradiffError(f"no usable preference pairs ({stats.line()})")
+        raise DeradiffError(f"{name} has no usable preference pairs ({stats.line()}); expected rows with "
+                            "decodable images and labels (1, 0) or (0, 1)")
     return readable.remove_columns("status"), stats
 
 
@@ -157,7 +162,7 @@ def _decodable(batch: dict[str, list]) -> list[bool]:
 def load_preference_pairs(source: str, split: str = "train", max_pairs: int | None = None,
                           cache_dir: str | None = None):
     """Load + clean: the one call trainers make. Returns (Dataset[caption, jpg_w, jpg_l], CleaningStats)."""
-    return clean_pairs(load_raw(source, split, cache_dir), max_pairs=max_pairs)
+    return clean_pairs(load_raw(source, split, cache_dir), max_pairs=max_pairs, source=source)
 
 
 def data_fingerprint(source: str, stats: CleaningStats | None = None, max_bytes: int = 2 << 30) -> str:

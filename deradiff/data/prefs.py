@@ -79,13 +79,13 @@ def generate_preferences(base_model: str, output: str, section: Any, device: Any
     from deradiff.models.pipelines import load_pipeline
     from deradiff.rewards import get_reward
 
+    reward = get_reward(section.reward)  # first: an unknown or missing reward fails before any sampling
     if prompts is None:
         from deradiff.world import load_prompts
 
         prompts = load_prompts("train")
     pipe = load_pipeline(base_model, device=device)
     pipe.set_progress_bar_config(disable=True)
-    reward = get_reward(section.reward)
     captions, im0, im1 = sample_pairs(pipe, prompts, section.pairs_per_prompt, section.num_inference_steps,
                                       section.guidance_scale, section.seed)
     r0, r1 = reward(im0, captions), reward(im1, captions)

@@ -48,10 +48,26 @@ def _pipeline_source(base: str) -> str:
                 f"'{base}' is not a diffusers model folder (no model_index.json); save one with "
                 "pipe.save_pretrained(folder) or give a hub id like 'stabilityai/stable-diffusion-xl-base-1.0'"
             )
+        _refuse_pickle_only_components(path, base)
         return str(path)
     if _HUB_ID.match(base) and not base.startswith((".", "/", "~")):
         return base
     raise DeradiffError(f"base model '{base}' does not exist (expected a diffusers folder or a hub id 'org/name')")
+
+
+def _refuse_pickle_only_components(path: Path, base: str) -> None:
+    """Name the components whose weights exist only as pickles (.bin), instead of diffusers' 'file not found'."""
+    pickled = sorted(
+        f"{sub.name}/{next(iter(sorted(p.name for p in sub.glob('*.bin'))))}"
+        for sub in path.iterdir()
+        if sub.is_dir() and any(sub.glob("*.bin")) and not any(sub.glob("*.safetensors"))
+    )
+    if pickled:
+        raise DeradiffError(
+            f"base model '{base}' has only pickle weights for {', '.join(pickled)}; deradiff loads safetensors only "
+            "because pickles can run code when loaded. Re-save it with pipe.save_pretrained(folder) "
+            "(safe_serialization=True, the default)"
+        )
 
 
 def read_lora_metadata(lora_dir: str | Path) -> dict[str, Any] | None:

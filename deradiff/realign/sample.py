@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from deradiff.config import option, save_config
 from deradiff.errors import ConfigError, DeradiffError
+from deradiff.fileio import atomic_path, write_error, write_text_atomic
 
 SAMPLERS = {
     "ddim": "DDIMScheduler",
@@ -90,30 +91,33 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     from deradiff.models.pipelines import load_lora, load_pipeline
     from deradiff.realign.mixing import describe_strength, effective_beta
 
-    out = _prepare_output_dir(Path(config.output_dir), config.overwrite)
+    out = Path(config.output_dir)
+    _check_output_dir(out, config.overwrite)
     prompts = _prompts(config)
     device = _device(config.device)
     pipe = load_pipeline(config.base_model or _tiny_model_dir(), torch_dtype=getattr(torch, config.dtype), device=device)
     metadata = load_lora(pipe, config.lora_dir) or {}
+    _make_output_dirs(out)  # only once every input has loaded: a bad input leaves no folders behind
     pipe.scheduler = _scheduler(config.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     beta = config.beta if config.beta is not None else metadata.get("beta")
     handle = deradiff.realign(pipe, lam=config.lambdas[0], beta=beta)
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(prompts) * len(config.lambdas) * len(config.seeds), desc="realign", unit="img")
-    for p, prompt in enumerate(prompts):
-        grid = _sample_lambdas(pipe, prompt, config, device)
-        for lam, images in zip(config.lambdas, grid):
-            for seed, image in zip(config.seeds, images):
-                file = Path("images") / f"p{p:03d}_lam{lam:g}_seed{seed}.png"
-                image.save(out / file)
-                eff = effective_beta(beta, lam)
-                rows.append({"prompt_index": p, "prompt": prompt, "seed": seed, "lambda": lam,
-                             "effective_beta": eff if eff not in (None, float("inf")) else None,
-                             "strength": describe_strength(beta, lam), "file": file.as_posix()})
-            bar.update(len(images))
-        _grid(grid).save(out / "grids" / f"p{p:03d}.png")
-    bar.close()
+    total = len(prompts) * len(config.lambdas) * len(config.seeds)
+    # closed on errors too, so an error line never lands on the unfinished progress-bar line
+    with tqdm(total=total, desc="realign", unit="img") as bar:
+        for p, prompt in enumerate(prompts):
+            grid = _sample_lambdas(pipe, prompt, config, device)
+            for lam, images in zip(config.lambdas, grid):
+                for seed, image in zip(config.seeds, images):
+                    file = Path("images") / f"p{p:03d}_lam{lam:g}_seed{seed}.png"
+                    _save_image(image, out / file)
+                    eff = effective_beta(beta, lam)
+                    rows.append({"prompt_index": p, "prompt": prompt, "seed": seed, "lambda": lam,
+                                 "effective_beta": eff if eff not in (None, float("inf")) else None,
+                                 "strength": describe_strength(beta, lam), "file": file.as_posix()})
+                bar.update(len(images))
+            _save_image(_grid(grid), out / "grids" / f"p{p:03d}.png")
     handle.undo()
     _write_manifest(out, rows, config, metadata)
     return rows
@@ -131,14 +135,26 @@ def _sample_lambdas(pipe: Any, prompt: str, config: RealignConfig, device: Any) 
     return [per_prompt[0] for per_prompt in result.images]
 
 
-def _prepare_output_dir(out: Path, overwrite: bool) -> Path:
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse before any work: earlier results are never replaced unless `overwrite=true`."""
     if out.exists() and not out.is_dir():
         raise DeradiffError(f"output_dir '{out}' is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DeradiffError(f"output_dir '{out}' is not empty; choose another or pass overwrite=true")
+
+
+def _make_output_dirs(out: Path) -> None:
     for sub in ("images", "grids"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    return out
+        try:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, out / sub) from exc
+
+
+def _save_image(image: Any, path: Path) -> None:
+    """PNG written atomically: a full disk or a kill never leaves a truncated image under its final name."""
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 def _prompts(config: RealignConfig) -> list[str]:
@@ -200,11 +216,12 @@ def _grid(rows: list[list[Any]]) -> Any:
 
 
 def _write_manifest(out: Path, rows: list[dict[str, Any]], config: RealignConfig, metadata: dict) -> None:
-    with open(out / "manifest.csv", "w", newline="") as f:
+    with atomic_path(out / "manifest.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     summary = {"grid": {"rows": "lambdas", "columns": "seeds", "lambdas": config.lambdas, "seeds": config.seeds},
                "lora_metadata": metadata, "images": rows}
-    (out / "manifest.json").write_text(json.dumps(summary, indent=2))
-    save_config(config, out / "config.yaml")
+    write_text_atomic(out / "manifest.json", json.dumps(summary, indent=2))
+    with atomic_path(out / "config.yaml") as tmp:
+        save_config(config, tmp)

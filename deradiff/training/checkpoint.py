@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -74,7 +75,7 @@ def save_checkpoint(
             write_extra(tmp)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
         if final.exists():
-            shutil.rmtree(final)
+            _remove_dir(final)
         os.replace(tmp, final)
         _prune(output_dir, keep)
     accelerator.wait_for_everyone()
@@ -82,13 +83,42 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler/RNG from `path`; returns the saved trainer state."""
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_NAME).read_text())
+    """Restore model/optimizer/scheduler/RNG from `path`; returns the saved trainer state.
+
+    Model weights must be safetensors; accelerate reads the remaining small state files (optimizer,
+    scheduler, RNG) with `torch.load(weights_only=True)`, which refuses pickled code. A file that fails to
+    load is a one-line error naming the checkpoint, not a traceback.
+    """
+    _refuse_pickled_weights(path)
+    try:
+        accelerator.load_state(str(path))
+        return json.loads((path / STATE_NAME).read_text())
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeradiffError(f"checkpoint '{path}' could not be loaded: {first}") from exc
+
+
+def _refuse_pickled_weights(path: Path) -> None:
+    """Checkpoints written here hold model.safetensors; a pickled pytorch_model*.bin can run code when loaded."""
+    pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickled:
+        raise DeradiffError(
+            f"checkpoint '{path}' holds pickled model weights ({', '.join(pickled)}); deradiff resumes only from "
+            "safetensors weights (model.safetensors) because pickles can run code when loaded"
+        )
 
 
 def _prune(output_dir: str | os.PathLike, keep: int) -> None:
     if keep <= 0:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_dir(old)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the `step-N` namespace first, then delete: a kill mid-delete never leaves a half-deleted
+    folder that still looks like a complete checkpoint to `latest`."""
+    doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -30,6 +30,16 @@ class PrefsSection:
     guidance_scale: float = option(3.0, "classifier-free guidance for the pair images")
     seed: int = option(0, "seed for sampling and labelling")
 
+    def validate(self) -> None:
+        """An unknown reward name fails at config load, not after the model has sampled every pair."""
+        from deradiff.rewards import available_rewards
+
+        if self.reward not in available_rewards():
+            raise ConfigError(
+                f"config key 'generate.reward' names unknown reward {self.reward!r}; "
+                f"known rewards: {', '.join(available_rewards())}"
+            )
+
 
 @dataclass
 class DataSection:

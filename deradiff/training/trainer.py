@@ -29,6 +29,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from deradiff.errors import DeradiffError
+from deradiff.fileio import write_text_atomic
 from deradiff.models.lora import save_lora
 from deradiff.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
@@ -218,17 +219,17 @@ class Trainer:
         self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process)
         start = self._resume()
         self._announce(start)
-        progress = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train")
         t0, last, step = time.perf_counter(), {}, start
-        for step in range(start, cfg.max_steps):
-            last = step_fn(step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-                self.tracker.log_scalars(last, step=step + 1)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                self.checkpoint(step + 1, metadata)
-        progress.close()
+        # closed on errors too, so an error line never lands on the unfinished progress-bar line
+        with tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train") as progress:
+            for step in range(start, cfg.max_steps):
+                last = step_fn(step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                    self.tracker.log_scalars(last, step=step + 1)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                    self.checkpoint(step + 1, metadata)
         elapsed = time.perf_counter() - t0
         if cfg.checkpoint_every:
             self.checkpoint(cfg.max_steps, metadata)
@@ -320,7 +321,7 @@ class Trainer:
             **{f"final_{k}": v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
         }
         if self.accelerator.is_main_process:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             self.accelerator.print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         self.tracker.finish(summary)
         return summary

@@ -1,0 +1,56 @@
+"""Writing result files atomically, with a one-line error when the disk is full.
+
+Why: a sampling or training run killed (or out of disk) mid-write must not leave a truncated PNG/JSON under
+its final name, where a later step, a resumed run or a person would take it for a finished result. Every
+result file is written to a hidden temp name in the same folder and renamed over the final name only when
+complete; on any failure the temp file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+from typing import Iterator
+
+from deradiff.errors import DeradiffError
+
+# Failures that are the user's environment (full disk, quota, read-only or forbidden folder), not a bug.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error(exc: OSError, path: str | os.PathLike) -> Exception:
+    """A DeradiffError naming `path` for disk-full/permission failures; any other OSError unchanged."""
+    if exc.errno in _ENVIRONMENT_ERRNOS:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = "; free some space or pick another output_dir" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return DeradiffError(f"could not write '{path}': {reason}{hint}")
+    return exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path` (same suffix, so PIL/pyarrow pick the format); rename it over `path`
+    when the block succeeds, delete it when the block fails. Disk-full errors become a DeradiffError."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        error = write_error(exc, final)
+        if error is exc:
+            raise
+        raise error from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """`Path(path).write_text(text)`, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
