@@ -84,11 +84,13 @@ def test_reward_rises(runs) -> None:
     rounds = tracker.series("reward_mean")[::2]  # logged every step; 2 steps per round
     assert sum(rounds[-3:]) / 3 > sum(rounds[:3]) / 3
     r_base, r_lora, _ = _measure(lora_dir)
+    print(f"reward base {r_base:.4f} -> LoRA {r_lora:.4f}; rounds {[round(r, 3) for r in rounds]}")
     assert r_lora > r_base + 0.02, (r_base, r_lora)
 
 
 def test_larger_beta_stays_closer_to_reference(runs) -> None:
     kl_small, kl_large = (_measure(runs[b][0])[2] for b in (SMALL_BETA, LARGE_BETA))
+    print(f"path KL to the reference: beta {SMALL_BETA} -> {kl_small:.1f} nats, beta {LARGE_BETA} -> {kl_large:.1f} nats")
     assert kl_small > 1.5 * kl_large > 0, (kl_small, kl_large)
     # the trainer's own sampling-time KL tells the same story over the last rounds
     tail = {b: sum(runs[b][1].series("kl")[-4:]) for b in (SMALL_BETA, LARGE_BETA)}
