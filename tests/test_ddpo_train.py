@@ -124,11 +124,15 @@ def test_resume_continues_exactly_and_kl_loss_path(tiny_base: str, tmp_path: Pat
 
 
 def test_lora_loads_and_realigns_with_its_beta(tiny_base: str, tmp_path: Path) -> None:
-    """The DDPO LoRA is an ordinary deradiff LoRA: stock loading, and realign reads beta from its metadata."""
+    """kl_in=reward run; its LoRA is an ordinary deradiff LoRA: stock loading, realign reads beta from metadata."""
     import deradiff
     from deradiff.models.pipelines import load_lora, load_pipeline
 
-    run_ddpo(_cfg(tiny_base, tmp_path, "ddpo.beta=0.5", "train.max_steps=2"), tracker=RecordingTracker())
+    rec = RecordingTracker()
+    run_ddpo(_cfg(tiny_base, tmp_path, "ddpo.beta=0.5", "ddpo.kl_in=reward", "train.max_steps=4"), tracker=rec)
+    last = rec.scalars[-1][1]
+    assert "kl_loss" not in last and last["kl"] > 0
+    assert last["objective"] == pytest.approx(last["reward_mean"] - 0.5 * last["kl"], rel=1e-5)
     pipe = load_pipeline(tiny_base)
     assert load_lora(pipe, tmp_path / "lora")["beta"] == 0.5
     handle = deradiff.realign(pipe, 0.5)
