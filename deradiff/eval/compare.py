@@ -4,6 +4,7 @@ compare, plot and report. `run_eval(cfg)` is the one entry (the CLI and the stud
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.scoring import FeatureFn, RewardFn, approximation_errors, classifier_features, error_summary, pixel_features, reward_key, score
 from deradiff.eval.tracking import log_eval
 from deradiff.eval.variants import Variant
+from deradiff.training.lock import OutputDirLock
 
 RESULTS = "results.json"
 NOTES = ("LPIPS is not computed (no LPIPS weights offline); KID uses {features} features "
@@ -80,9 +82,17 @@ def settings_of(cfg: EvalConfig) -> SampleSettings:
 def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict[str, RewardFn] | None = None,
              features: FeatureFn | None | str = "config", tracker_factory: Any = None) -> EvalResult | None:
     """Run the whole comparison; returns the result on the main process (None on the others)."""
-    start = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    main = process_state().is_main_process
+    with OutputDirLock(cfg.output_dir) if main else contextlib.nullcontext():
+        return _run_eval(cfg, loader, rewards, features, tracker_factory)
+
+
+def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | None, features: FeatureFn | None | str,
+              tracker_factory: Any) -> EvalResult | None:
+    """run_eval while holding the output folder's lock (main process)."""
+    start = time.perf_counter()
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
     anchor, variants = plan(cfg)

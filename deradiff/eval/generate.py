@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from deradiff.eval.sampler import SampleSettings, sample
-from deradiff.eval.variants import TimedCall, Variant, model_call
+from deradiff.eval.variants import TimedCall, Variant, base_call, model_call
 
 Job = tuple[str, int]  # (prompt, seed)
 Loader = Callable[[str, str, str], Any]  # (base_model, lora_dir, device) -> pipeline carrying that LoRA
@@ -58,6 +58,13 @@ def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: S
     return VariantSamples(torch.cat(images), torch.cat(kls), seconds)
 
 
+def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings) -> None:
+    """One untimed 1-step sample: a fresh pipeline's first UNet calls are slow (lazy init), which would
+    otherwise be billed to whichever variant runs first and skew the compute accounting."""
+    if jobs:
+        sample(pipe, base_call(pipe.unet), None, [jobs[0][0]], [jobs[0][1]], replace(settings, steps=1))
+
+
 def sample_all(
     variants: Sequence[Variant], base_model: str, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
     loader: Loader, device: str, show_progress: bool = True,
@@ -67,6 +74,7 @@ def sample_all(
     bar = tqdm(total=len(variants), desc="eval sampling", unit="model", disable=not show_progress)
     for lora, group in itertools.groupby(variants, key=lambda v: v.lora):
         pipe = loader(base_model, lora, device)
+        warm_up(pipe, jobs, settings)
         for variant in group:
             bar.set_postfix_str(variant.name)
             results[variant.name] = sample_variant(pipe, variant, jobs, settings, batch_size)
