@@ -8,7 +8,6 @@ still judged on what they show rather than on rendering artefacts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
