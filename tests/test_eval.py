@@ -7,7 +7,6 @@ baseline must reproduce them exactly: a sharp check of shared noise, variant plu
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
