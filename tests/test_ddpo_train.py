@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from deradiff.config import load_config
 from deradiff.errors import ConfigError, DeradiffError
-from deradiff.models.lora import read_lora_metadata
+from deradiff.models.pipelines import read_lora_metadata
 from deradiff.training.ddpo import load_prompt_source, run_ddpo
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.tracking import RecordingTracker

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from deradiff.errors import DeradiffError
-from deradiff.models.lora import adapter_disabled, attach_lora, read_lora_metadata
+from deradiff.models.lora import adapter_disabled, attach_lora
+from deradiff.models.pipelines import read_lora_metadata
 from deradiff.testing import tiny_sd_pipeline
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
 from deradiff.training.determinism import global_micro_batch, rank_micro_batch, step_generator

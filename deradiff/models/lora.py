@@ -23,8 +23,10 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-METADATA_NAME = "deradiff_metadata.json"
+from deradiff.models.pipelines import LORA_METADATA, LORA_WEIGHTS
+
+LORA_WEIGHTS_NAME = LORA_WEIGHTS
+METADATA_NAME = LORA_METADATA
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -133,11 +135,6 @@ def save_lora(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def read_lora_metadata(lora_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `deradiff_metadata.json` of a saved LoRA."""
-    return json.loads((Path(lora_dir) / METADATA_NAME).read_text())
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from deradiff.errors import DeradiffError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-LORA_METADATA = "deradiff_metadata.json"
+LORA_METADATA = "deradiff_metadata.json"  # written by deradiff.models.lora.save_lora
 LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # read by deradiff.realign.api for the default beta
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

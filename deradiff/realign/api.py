@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from deradiff.errors import DeradiffError
+from deradiff.models.pipelines import LORA_METADATA_ATTR
 from deradiff.realign.denoiser import RealignedDenoiser
 from deradiff.realign.mixing import LambdaSpec, effective_beta
 from deradiff.realign.schedulers import (
@@ -33,7 +34,6 @@ from deradiff.realign.schedulers import (
 )
 
 HANDLE_ATTR = "_deradiff_realign_handle"
-LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # set by deradiff.models.load_lora
 DENOISER_NAMES = ("unet", "transformer")
 
 
