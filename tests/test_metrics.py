@@ -50,3 +50,14 @@ def test_normalized_error():
     assert metrics.normalized_error(approx=0.9, target=1.0, base=0.0) == pytest.approx(0.1)
     assert metrics.normalized_error(approx=0.0, target=1.0, base=0.0) == pytest.approx(1.0)
     assert math.isnan(metrics.normalized_error(1.0, 2.0, 2.0))
+
+
+def test_kid_features_are_standardized_on_the_base_set():
+    from deradiff.eval.scoring import standardized
+
+    g = torch.Generator().manual_seed(0)
+    feats = {"base": torch.randn(50, 3, generator=g) * 1000 + 5, "other": torch.randn(50, 3, generator=g) * 1000 + 5}
+    out = standardized(feats)
+    assert torch.allclose(out["base"].mean(0), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(out["base"].std(0), torch.ones(3), atol=1e-4)
+    assert abs(metrics.kid(out["base"], out["other"])) < 0.5  # same distribution: O(1)-scale, near 0

@@ -54,6 +54,14 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images.float(), size=(16, 16), mode="area").flatten(1)
 
 
+def standardized(features: dict[str, torch.Tensor], reference: str = "base") -> dict[str, torch.Tensor]:
+    """Every set scaled by the base model's per-dimension mean/std: KID's cubic kernel assumes O(1) features
+    (raw classifier activations gave KIDs of -1e6), and one shared scale keeps all KIDs of a run comparable."""
+    ref = features[reference].double()
+    mean, std = ref.mean(0), ref.std(0).clamp_min(1e-6) if len(ref) > 1 else torch.ones(ref.shape[1], dtype=torch.float64)
+    return {k: ((v.double() - mean) / std).float() for k, v in features.items()}
+
+
 def variant_row(variant: Variant, samples: VariantSamples, per_sample: dict[str, torch.Tensor], prompts: Sequence[str]) -> dict[str, Any]:
     """Means of every per-sample metric plus within-prompt diversity and compute time for one model."""
     row: dict[str, Any] = {**variant.tracker_config(), "target": "", "n": int(samples.images.shape[0]),
@@ -81,7 +89,7 @@ def score(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(one row per model, one row per sample). Pair metrics compare each model with base and its target."""
     prompts = [p for p, _ in jobs]
-    features = {v.name: feature_fn(samples[v.name].images) for v in variants} if feature_fn else None
+    features = standardized({v.name: feature_fn(samples[v.name].images) for v in variants}) if feature_fn else None
     rows, sample_rows = [], []
     for variant in variants:
         got = samples[variant.name]
