@@ -61,3 +61,11 @@ def test_kid_features_are_standardized_on_the_base_set():
     assert torch.allclose(out["base"].mean(0), torch.zeros(3), atol=1e-4)
     assert torch.allclose(out["base"].std(0), torch.ones(3), atol=1e-4)
     assert abs(metrics.kid(out["base"], out["other"])) < 0.5  # same distribution: O(1)-scale, near 0
+
+
+def test_paired_kid_is_zero_on_identical_sets_and_skips_same_seed_pairs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 4, generator=g)
+    assert metrics.kid(x, x, paired=True) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.kid(x, x) < 0  # the unpaired estimate counts each row against itself
+    assert metrics.kid(x, x + 3.0, paired=True) > 1.0

@@ -30,10 +30,13 @@ def polynomial_kernel(x: torch.Tensor, y: torch.Tensor, degree: int = 3, coef0: 
     return (x.double() @ y.double().T / x.shape[1] + coef0) ** degree
 
 
-def kid(features_x: torch.Tensor, features_y: torch.Tensor, degree: int = 3, coef0: float = 1.0) -> float:
+def kid(features_x: torch.Tensor, features_y: torch.Tensor, degree: int = 3, coef0: float = 1.0, paired: bool = False) -> float:
     """Kernel Inception Distance: the unbiased MMD^2 estimate between two feature sets (>= 2 rows each).
 
     Unbiased, so it works with the few samples a tiny study draws (unlike FID) and may be slightly negative.
+    `paired=True` for sets drawn with shared noise (row i of both from the same seed): the cross term then
+    skips the i = i pairs, which are not independent draws and would bias KID strongly negative
+    (a set against itself gives exactly 0).
     """
     m, n = features_x.shape[0], features_y.shape[0]
     if m < 2 or n < 2:
@@ -43,7 +46,13 @@ def kid(features_x: torch.Tensor, features_y: torch.Tensor, degree: int = 3, coe
     kxy = polynomial_kernel(features_x, features_y, degree, coef0)
     term_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
     term_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return float(term_x + term_y - 2.0 * kxy.mean())
+    if paired:
+        if m != n:
+            raise ValueError(f"paired KID needs equal set sizes, got {m} and {n}")
+        cross = (kxy.sum() - kxy.diagonal().sum()) / (m * (m - 1))
+    else:
+        cross = kxy.mean()
+    return float(term_x + term_y - 2.0 * cross)
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> float:

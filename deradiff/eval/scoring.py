@@ -79,7 +79,8 @@ def pair_metrics(samples: VariantSamples, other: VariantSamples, features: dict[
     mse = metrics.per_sample_mse(samples.images, other.images)
     psnr = metrics.psnr(samples.images, other.images)
     out = {"mse": float(mse.mean()), "psnr": float(psnr[torch.isfinite(psnr)].mean()) if torch.isfinite(psnr).any() else math.inf}
-    out["kid"] = metrics.kid(features[a], features[b]) if features is not None and len(features[a]) > 1 else math.nan
+    paired = features is not None and len(features[a]) > 1
+    out["kid"] = metrics.kid(features[a], features[b], paired=True) if paired else math.nan  # shared noise: paired
     return out
 
 
