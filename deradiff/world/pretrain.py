@@ -45,11 +45,13 @@ class VaeTrainConfig:
 
 @dataclass
 class UnetTrainConfig:
-    steps: int = option(1500, "optimizer steps for the UNet and text encoder (trained jointly)")
+    steps: int = option(3000, "optimizer steps for the UNet and text encoder (trained jointly)")
     batch_size: int = option(32, "latents per UNet step")
     lr: float = option(1.5e-3, "peak learning rate (one-cycle schedule)")
     caption_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
     dataset_size: int = option(8192, "rendered training images (encoded once by the frozen VAE)")
+    min_snr_gamma: float = option(5.0, "Min-SNR loss weighting (Hang et al. 2023): converges several times faster; 0 = off")
+    ema_decay: float = option(0.999, "EMA of UNet + text-encoder weights; the EMA weights are shipped; 0 = off")
 
 
 @dataclass
@@ -117,7 +119,9 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, cfg: UnetT
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
-    opt, sched = _optimizer(list(unet.parameters()) + list(text_encoder.parameters()), cfg.lr, cfg.steps)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt, sched = _optimizer(params, cfg.lr, cfg.steps)
+    ema = _Ema(params, cfg.ema_decay)
     bar = tqdm(range(cfg.steps), desc="unet", unit="step")
     for _ in bar:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
@@ -126,14 +130,43 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, cfg: UnetT
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         pred = unet(scheduler.add_noise(z0, noise, t), t, text_encoder(tok)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weight(scheduler.alphas_cumprod[t], cfg.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        ema.update(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(params)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), float(loss.item())
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Epsilon-loss weight min(SNR, gamma)/SNR: stops the many easy low-noise steps dominating the gradient."""
+    if gamma <= 0:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
+
+
+class _Ema:
+    """Exponential moving average of parameters (short runs sample much better from averaged weights)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params] if decay > 0 else []
+
+    @torch.no_grad()
+    def update(self, params: list[torch.nn.Parameter]) -> None:
+        if self.shadow:
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: list[torch.nn.Parameter]) -> None:
+        for shadow, p in zip(self.shadow, params):
+            p.copy_(shadow)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
