@@ -34,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path` (same suffix, so PIL/pyarrow pick the format); rename it over `path`
     when the block succeeds, delete it when the block fails. Disk-full errors become a DeradiffError."""
     final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
     try:
         yield tmp

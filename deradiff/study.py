@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from deradiff.config import config_to_dict, load_config, option
 from deradiff.errors import ConfigError
+from deradiff.fileio import write_text_atomic
 from deradiff.training.config import TrackerSection
 
 
@@ -70,14 +70,6 @@ def stage_key(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[str, Any]]) -> StageRecord:
     """Run `fn` unless a done-marker with the same key exists; the marker is written last, atomically."""
     marker = study_dir / "stages" / f"{name}.json"
@@ -89,7 +81,7 @@ def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[s
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    write_atomic(marker, json.dumps({"key": key, "seconds": seconds, "result": result}, indent=2, default=str))
+    write_text_atomic(marker, json.dumps({"key": key, "seconds": seconds, "result": result}, indent=2, default=str))
     return StageRecord(name, key, seconds, result)
 
 
@@ -253,7 +245,7 @@ def write_study_report(cfg: StudyConfig, results: dict[str, Any], acc: dict[str,
     study = Path(cfg.output_dir)
     summary = {"report": str(study / "report.html"), "eval_report": str(study / "eval" / "report.html"),
                "findings": found, "accounting": acc}
-    write_atomic(study / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(study / "summary.json", json.dumps(summary, indent=2, default=str))
     return write_html(study / "eval", results, extra_html=accounting_html(acc, found), dest=study / "report.html")
 
 

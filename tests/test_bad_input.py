@@ -194,6 +194,19 @@ def test_eval_lora_without_metadata_when_beta_is_needed(world, tmp_path, capsys)
     assert files_under(tmp_path / "eval") == []
 
 
+@pytest.mark.parametrize("override, needles", [
+    ("lambdas=[0.5, .nan]", ["lambdas[1]", "finite", "nan"]),
+    ("extra_lambdas=[.inf]", ["extra_lambdas[0]", "finite", "inf"]),
+    ("rewards=[vividness, nope]", ["'rewards'", "'nope'", "known:"]),
+    ("reward_options={nope: {}}", ["'reward_options'", "'nope'"]),
+])
+def test_eval_bad_lambdas_and_rewards_fail_before_sampling(world, tmp_path, capsys, override, needles):
+    config = _eval_config(tmp_path, world, world["lora"])
+    code, _, err = run_cli(["eval", "--config", str(config), override], capsys)
+    assert_one_line_error(code, err, *needles)
+    assert files_under(tmp_path / "eval") == []
+
+
 def test_eval_never_overwrites_results(world, tmp_path, capsys):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text('{"earlier": true}')

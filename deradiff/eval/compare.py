@@ -14,6 +14,7 @@ import torch
 
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
+from deradiff.fileio import atomic_path
 from deradiff.eval import report
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
@@ -58,10 +59,11 @@ def eval_prompts(cfg: EvalConfig) -> list[str]:
     return list(load_prompts("eval"))[: cfg.num_prompts]
 
 
-def reward_fns(names: Sequence[str]) -> dict[str, RewardFn]:
+def reward_fns(names: Sequence[str], options: dict[str, dict] | None = None) -> dict[str, RewardFn]:
     from deradiff.rewards import get_reward
 
-    return {name: get_reward(name) for name in names}
+    options = options or {}
+    return {name: get_reward(name, **options.get(name, {})) for name in names}
 
 
 def feature_fn(kind: str) -> FeatureFn | None:
@@ -99,12 +101,13 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
     base_model = cfg.base_model or anchor.base_model
     if not base_model:
         raise DeradiffError("no base model: set base_model, or train the anchor with deradiff (metadata base_model)")
+    # Rewards and features are built before sampling so missing weights fail in seconds, not after it.
+    rewards = reward_fns(cfg.rewards, cfg.reward_options) if rewards is None else rewards
+    features = feature_fn(cfg.kid_features) if features == "config" else features
     jobs = make_jobs(eval_prompts(cfg), cfg.seeds)
     samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, resolve_device(cfg.device))
     if not process_state().is_main_process:
         return None
-    rewards = reward_fns(cfg.rewards) if rewards is None else rewards
-    features = feature_fn(cfg.kid_features) if features == "config" else features
     results = build_results(cfg, anchor, base_model, variants, samples, jobs, rewards, features)
     path = write_outputs(out, cfg, variants, samples, jobs, results)
     log_eval(cfg, variants, samples, jobs, results, out, tracker_factory)
@@ -147,4 +150,5 @@ def save_samples(path: Path, samples: dict[str, VariantSamples]) -> None:
     for name, s in samples.items():
         tensors[f"{name}/images"] = (s.images.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
         tensors[f"{name}/path_kl"] = s.path_kl.float().contiguous()
-    save_file(tensors, str(path))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))

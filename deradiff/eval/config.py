@@ -7,6 +7,7 @@ from typing import Literal
 
 from deradiff.config import option
 from deradiff.errors import ConfigError
+from deradiff.realign.mixing import check_lambda
 from deradiff.training.config import TrackerSection
 
 
@@ -44,6 +45,8 @@ class EvalConfig:
     seeds: list[int] = option([0, 1, 2, 3], "seeds; each (prompt, seed) gets the same noise for every model")
     sampling: SamplingSection = option(factory=SamplingSection, help="sampler settings shared by all models")
     rewards: list[str] = option(["vividness", "fidelity"], "reward names (deradiff.rewards registry) to score")
+    reward_options: dict[str, dict] = option(
+        {}, "keyword arguments per reward, e.g. {pickscore: {model_path: /models/PickScore_v1}} (see docs/rewards.md)")
     kid_features: Literal["classifier", "pixels", "none"] = option(
         "classifier", "features for KID: the tiny world's classifier, raw pixels, or skip (no Inception offline)")
     grid_prompts: int = option(2, "prompts that get an image grid (rows: models, columns: seeds)")
@@ -56,9 +59,19 @@ class EvalConfig:
     tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking (one W&B run per evaluated model)")
 
     def validate(self) -> None:
-        if self.lambdas is not None and any(lam < 0 for lam in self.lambdas):
-            raise ConfigError(f"config key 'lambdas' must hold values >= 0, got {self.lambdas}")
-        if any(lam < 0 for lam in self.extra_lambdas):
-            raise ConfigError(f"config key 'extra_lambdas' must hold values >= 0, got {self.extra_lambdas}")
+        for key in ("lambdas", "extra_lambdas"):
+            for i, lam in enumerate(getattr(self, key) or []):
+                check_lambda(lam, f"config key '{key}[{i}]'")
+        self._check_rewards()
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ConfigError(f"config key 'seeds' must be a non-empty list of distinct seeds, got {self.seeds}")
+
+    def _check_rewards(self) -> None:
+        """Unknown reward names fail when the config loads, not after every model has been sampled."""
+        from deradiff.rewards import available_rewards
+
+        known = available_rewards()
+        for key, names in (("rewards", self.rewards), ("reward_options", list(self.reward_options))):
+            for name in names:
+                if name not in known:
+                    raise ConfigError(f"config key '{key}' names unknown reward {name!r}; known: {', '.join(known)}")

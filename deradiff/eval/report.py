@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from deradiff.eval.generate import Job, VariantSamples  # noqa: E402
+from deradiff.fileio import atomic_path, write_text_atomic  # noqa: E402
 
 CURVES = (("retrained", "o-", "retrained"), ("realigned", "s--", "DeRaDiff realigned"), ("weight_scaled", "^:", "weight-scaled LoRA"))
 
@@ -39,10 +40,10 @@ def _json_safe(value: Any) -> Any:
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     """results.json (everything) plus results.csv (models), approximation.csv and samples.csv."""
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
-    pd.DataFrame(results["models"]).to_csv(out / "results.csv", index=False)
-    pd.DataFrame(results["approximation"]).to_csv(out / "approximation.csv", index=False)
-    pd.DataFrame(results["samples"]).to_csv(out / "samples.csv", index=False)
+    write_text_atomic(out / "results.json", json.dumps(_json_safe(results), indent=2))
+    for name, key in (("results.csv", "models"), ("approximation.csv", "approximation"), ("samples.csv", "samples")):
+        with atomic_path(out / name) as tmp:
+            pd.DataFrame(results[key]).to_csv(tmp, index=False)
 
 
 def curve_points(rows: Sequence[dict[str, Any]], kind: str, key: str) -> tuple[list[float], list[float]]:
@@ -67,7 +68,8 @@ def plot_metric(rows: Sequence[dict[str, Any]], key: str, path: Path) -> None:
     ax.set_ylabel(key)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -83,7 +85,8 @@ def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None
     ax.set_ylabel(reward)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -107,7 +110,8 @@ def image_grid(samples: dict[str, VariantSamples], names: Sequence[str], indices
         draw.text((4, top + r * cell_h + cell_h // 2 - 6), name, fill="black")
         for c, i in enumerate(indices):
             grid.paste(to_pil(samples[name].images[i], scale), (label_w + c * cell_w, top + r * cell_h))
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp)
 
 
 def write_grids(out: Path, samples: dict[str, VariantSamples], names: Sequence[str], jobs: Sequence[Job], n_prompts: int, n_seeds: int) -> list[dict[str, str]]:
@@ -182,5 +186,5 @@ def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: P
         "</body></html>",
     ]
     path = dest or out / "report.html"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
