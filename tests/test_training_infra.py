@@ -162,3 +162,17 @@ def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
     tracker.finish({"final_loss": 1.0})
     assert modes == ["online", "offline"]
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/*.png"))
+
+
+def test_fresh_run_refuses_an_earlier_runs_folder_unless_overwrite(tmp_path):
+    trainer, _, micro = _setup(tmp_path, max_steps=2, checkpoint_every=1)
+    trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
+    first = _lora(tmp_path)
+    trainer, _, micro = _setup(tmp_path, max_steps=2)
+    with pytest.raises(DeradiffError, match=r"already holds a training run \(checkpoints/, lora/\).*resume_from=latest"):
+        trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
+    assert all(torch.equal(first[k], v) for k, v in _lora(tmp_path).items())  # nothing lost
+    trainer, _, micro = _setup(tmp_path, max_steps=2)
+    trainer.train_cfg.overwrite = True
+    trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
+    assert not (tmp_path / "checkpoints").exists()  # the earlier run's checkpoints are gone, not mixed in

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from deradiff.errors import DeradiffError
 
 CHECKPOINTS = "checkpoints"
+FINAL_LORA = "lora"  # the trained adapter, output_dir/lora
 STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -96,6 +97,24 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DeradiffError(f"checkpoint '{path}' could not be loaded: {first}") from exc
+
+
+def check_fresh_start(output_dir: str | os.PathLike, overwrite: bool, remove: bool = True) -> None:
+    """A run that does not resume must not silently mix with another run's checkpoints and LoRA in the same
+    folder (a later `resume_from=latest` would pick the old run's steps). Refuse, or clear them on request.
+    Every process checks (so all of them stop together); only the one with `remove` deletes."""
+    root = Path(output_dir)
+    previous = [p for p in (root / CHECKPOINTS, root / FINAL_LORA) if p.exists()]
+    if not previous:
+        return
+    if not overwrite:
+        names = ", ".join(f"{p.name}/" for p in previous)
+        raise DeradiffError(
+            f"output_dir '{root}' already holds a training run ({names}); pass train.resume_from=latest to "
+            "continue it, train.overwrite=true to start over, or another output_dir"
+        )
+    for path in previous if remove else []:
+        _remove_dir(path)
 
 
 def _refuse_pickled_weights(path: Path) -> None:

@@ -79,6 +79,7 @@ class TrainSection:
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "how many most recent checkpoints to keep (0: keep all)")
     resume_from: str | None = option(None, "'latest' or a checkpoint folder to continue from exactly")
+    overwrite: bool = option(False, "without resume_from: clear an earlier run's checkpoints/ and lora/ in output_dir (else refused)")
     log_every: int = option(1, "log scalars every N steps")
     allow_tf32: bool = option(True, "allow TF32 matmuls on Ampere+ GPUs")
     deepspeed_config: str | None = option(

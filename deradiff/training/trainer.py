@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from deradiff.errors import DeradiffError
 from deradiff.fileio import write_text_atomic
 from deradiff.models.lora import save_lora
-from deradiff.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from deradiff.training.checkpoint import FINAL_LORA, check_fresh_start, load_checkpoint, resolve_resume, save_checkpoint
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
 from deradiff.training.lock import OutputDirLock
 from deradiff.training.tracking import Tracker, make_tracker
@@ -238,6 +238,9 @@ class Trainer:
 
     def _resume(self) -> int:
         path = resolve_resume(self.output_dir, self.train_cfg.resume_from)
+        if self.train_cfg.resume_from is None:
+            check_fresh_start(self.output_dir, self.train_cfg.overwrite, remove=self.accelerator.is_main_process)
+            self.accelerator.wait_for_everyone()
         if path is None:
             return 0
         state = load_checkpoint(self.accelerator, path)
@@ -288,7 +291,7 @@ class Trainer:
 
     def save_final(self, metadata: dict[str, Any]) -> Path:
         """The trained adapter at `output_dir/lora` (main process writes; all wait)."""
-        lora_dir = self.output_dir / "lora"
+        lora_dir = self.output_dir / FINAL_LORA
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_lora(self.model, lora_dir, self._lora_metadata(metadata, self.train_cfg.max_steps))
