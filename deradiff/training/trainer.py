@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
@@ -56,6 +57,10 @@ def build_accelerator(train: TrainSection, output_dir: str) -> Accelerator:
         plugin = DeepSpeedPlugin(hf_ds_config=train.deepspeed_config)
     if train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    # accelerate keeps one process-wide state and refuses a second run's different mixed_precision; several
+    # runs share a process (a study's LoRAs, tests), so forget the previous run's settings. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         mixed_precision=train.mixed_precision,
