@@ -76,3 +76,24 @@ def test_tokenizer_gives_each_world_word_one_token(tmp_path):
     ids = tok("a small red circle", padding="max_length", max_length=MODEL_MAX_LENGTH).input_ids
     assert len(ids) == MODEL_MAX_LENGTH and ids[0] == tok.bos_token_id and ids[5] == tok.eos_token_id
     assert tok.tokenize("a purple hexagon")  # out-of-vocab words fall back to byte symbols
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 10, 20, 40])
+def test_one_cycle_schedule_runs_for_any_length(steps):
+    """OneCycleLR divides by zero when its warm-up rounds to one step (e.g. 10 steps at 10%); ours never does."""
+    from deradiff.world.optim import adamw_one_cycle
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = adamw_one_cycle([param], lr=1e-2, steps=steps, warmup_frac=0.1)
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] <= 1e-2
+
+
+def test_one_cycle_schedule_is_plain_one_cycle_for_real_runs():
+    from deradiff.world.optim import adamw_one_cycle
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = adamw_one_cycle([param], lr=1e-2, steps=300, warmup_frac=0.1)
+    assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR) and sched.total_steps == 300

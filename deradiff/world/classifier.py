@@ -22,6 +22,7 @@ from deradiff.errors import DeradiffError
 from deradiff.world.paths import ASSETS_DIR
 from deradiff.world.render import IMAGE_SIZE, render_batch
 from deradiff.world.spec import BACKGROUNDS, COLOURS, SHAPES, SIZES, PromptSpec
+from deradiff.world.optim import adamw_one_cycle
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CONFIG = "classifier.json"
@@ -92,8 +93,7 @@ def train_classifier(steps: int, batch_size: int, lr: float, seed: int) -> tuple
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     model = TinyClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    opt, sched = adamw_one_cycle(model.parameters(), lr, steps, warmup_frac=0.1)
     bar = tqdm(range(steps), desc="classifier", unit="step")
     for _ in bar:
         images, specs = render_batch(random_specs(batch_size, rng), rng)

@@ -22,6 +22,7 @@ from deradiff.config import option, save_config
 from deradiff.world.classifier import save_classifier, train_classifier
 from deradiff.world.model import (assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae,
                                   save_pipeline)
+from deradiff.world.optim import adamw_one_cycle
 from deradiff.world.promptset import load_prompts
 from deradiff.world.render import render_batch
 from deradiff.world.spec import parse_prompt
@@ -65,13 +66,6 @@ class PretrainConfig:
     quality_images: int = option(56, "eval-prompt images generated for the closing quality check (0 = skip)")
 
 
-def _optimizer(params, lr: float, steps: int):
-    """AdamW with a one-cycle schedule: short warm-up, then cosine decay to ~0 by the last step."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
-    return opt, sched
-
-
 def render_dataset(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
     """`n` training images, each drawn for a uniformly chosen train prompt (its caption)."""
     prompts = load_prompts("train")
@@ -83,7 +77,7 @@ def render_dataset(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list
 def train_vae(images: torch.Tensor, cfg: VaeTrainConfig, gen: torch.Generator):
     """Fit the AutoencoderKL, then set its scaling_factor to 1/std of the latents (as SD does)."""
     vae = build_vae()
-    opt, sched = _optimizer(vae.parameters(), cfg.lr, cfg.steps)
+    opt, sched = adamw_one_cycle(vae.parameters(), cfg.lr, cfg.steps, warmup_frac=0.05)
     bar = tqdm(range(cfg.steps), desc="vae", unit="step")
     for _ in bar:
         x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)] * 2 - 1
@@ -120,7 +114,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, cfg: UnetT
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt, sched = _optimizer(params, cfg.lr, cfg.steps)
+    opt, sched = adamw_one_cycle(params, cfg.lr, cfg.steps, warmup_frac=0.05)
     ema = _Ema(params, cfg.ema_decay)
     bar = tqdm(range(cfg.steps), desc="unet", unit="step")
     for _ in bar:
