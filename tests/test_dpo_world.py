@@ -12,7 +12,6 @@ from deradiff.config import load_config
 
 world = pytest.importorskip("deradiff.world")
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(not (Path(world.TINY_MODEL_DIR) / "model_index.json").is_file(),
                        reason="tiny world model not built (deradiff tiny pretrain)"),
 ]

@@ -144,7 +144,6 @@ def test_sigkill_during_checkpoint_save_then_resume_matches_uninterrupted(assets
     assert not (out / LOCK_NAME).exists()
 
 
-@pytest.mark.slow
 def test_three_sigkills_at_random_steps_then_resume_matches_uninterrupted(assets, reference, capsys):
     """Three kills of the same run at three seeded-random steps (mid-save, after a save, mid-save), each time
     resumed from `latest` by a fresh process; the final in-process resume equals the uninterrupted run."""
