@@ -188,13 +188,19 @@ def savings_table(train_seconds: Sequence[float], retrained_img_s: float, realig
     return rows
 
 
+# The study runs every stage as one process on one device (the eval alone splits across devices when it is
+# launched on several, outside the study), so a stage's device-hours are its wall hours.
+STUDY_DEVICES = 1
+
+
 def accounting(cfg: StudyConfig, records: Sequence[StageRecord], trains: Sequence[StageRecord], results: dict[str, Any]) -> dict[str, Any]:
     """Stage wall times and the savings table, every number from this study's stage markers and eval."""
     models = results["models"]
     images = int(next(r["n"] for r in models if r["kind"] == "base"))
     ret_s, real_s = per_image_seconds(models, "retrained"), per_image_seconds(models, "realigned")
     return {
-        "stages": [{"stage": r.name, "seconds": r.seconds, "skipped_this_run": r.skipped} for r in records],
+        "stages": [{"stage": r.name, "seconds": r.seconds, "device_hours": r.seconds * STUDY_DEVICES / 3600,
+                    "skipped_this_run": r.skipped} for r in records],
         "total_seconds": sum(r.seconds for r in records),
         "train_seconds": [r.seconds for r in trains],
         "images_per_strength": images,
@@ -232,7 +238,7 @@ def accounting_html(acc: dict[str, Any], found: dict[str, Any]) -> str:
     claims = "".join(f"<li>{k}: reward falls as beta grows: <b>{v['falls_as_beta_grows']}</b></li>"
                      for k, v in found.items() if isinstance(v, dict) and "falls_as_beta_grows" in v)
     return (f"<h2>Study findings</h2><ul>{claims}</ul><h2>Compute accounting (measured in this run)</h2>"
-            + html_table(acc["stages"], ["stage", "seconds", "skipped_this_run"])
+            + html_table(acc["stages"], ["stage", "seconds", "device_hours", "skipped_this_run"])
             + f"<p>total {acc['total_seconds']:.1f} s; per image: retrained {acc['retrained_image_s']:.4f} s, "
               f"realigned {acc['realigned_image_s']:.4f} s (model calls only)</p>"
             + html_table(acc["savings"], list(acc["savings"][0]) if acc["savings"] else []))

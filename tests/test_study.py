@@ -115,6 +115,7 @@ def test_every_accounting_number_comes_from_the_stage_markers(finished_study):
     assert {s["stage"] for s in acc["stages"]} == set(markers)
     for s in acc["stages"]:
         assert s["seconds"] == markers[s["stage"]]["seconds"]
+        assert s["device_hours"] == pytest.approx(s["seconds"] / 3600)
     assert acc["train_seconds"] == [markers[f"train-dpo-beta{b:g}"]["seconds"] for b in (500, 250, 1000)]
     assert [r["K"] for r in acc["savings"]] == [3, 5, 10]
 
