@@ -64,13 +64,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], key: str, path: Path) -> None:
     base = next(r[key] for r in rows if r["kind"] == "base")
     ax.axhline(base, color="gray", lw=1, label="base (beta = inf)")
     ax.set_xscale("log")
-    ax.set_xlabel("effective beta (beta0 / lambda for realigned)")
-    ax.set_ylabel(key)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    _finish_plot(fig, ax, "effective beta (beta0 / lambda for realigned)", key, path)
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None:
@@ -81,8 +75,13 @@ def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None
         pts = sorted([(r["path_kl"], r[reward]) for r in rows if r["kind"] == kind or (r.get("anchor") and kind != "retrained")])
         pts = [(base["path_kl"], base[reward])] + pts
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-    ax.set_xlabel("path KL to base (nats / image)")
-    ax.set_ylabel(reward)
+    _finish_plot(fig, ax, "path KL to base (nats / image)", reward, path)
+
+
+def _finish_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
+    """Axis labels and legend, then write the PNG atomically and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
