@@ -54,3 +54,13 @@ def test_bug_is_short_without_debug_and_full_with_it(monkeypatch, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert cli.main(["--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_building_the_parser_does_not_import_diffusers() -> None:
+    """`deradiff --help` stays fast: subcommand registration only touches config dataclasses."""
+    import subprocess
+    import sys
+
+    probe = "import sys, deradiff.cli as c; c.build_parser(); print(sorted({'diffusers', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -29,7 +29,7 @@ class QualityConfig:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `tiny` with its `pretrain` and `quality` subcommands."""
-    from deradiff.world.pretrain import PretrainConfig
+    from deradiff.world.pretrain_config import PretrainConfig
 
     tiny = subparsers.add_parser("tiny", help="the embedded tiny world: pretrain its model, measure quality")
     sub = tiny.add_subparsers(dest="tiny_command", metavar="SUBCOMMAND", required=True)

@@ -1,0 +1,45 @@
+"""The `deradiff tiny pretrain` config, apart from the training code so the CLI can describe it without
+importing diffusers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deradiff.config import option
+
+
+@dataclass
+class ClassifierTrainConfig:
+    steps: int = option(300, "optimizer steps for the fidelity classifier (fresh renders each step)")
+    batch_size: int = option(64, "images per classifier step")
+    lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
+
+
+@dataclass
+class VaeTrainConfig:
+    steps: int = option(400, "optimizer steps for the VAE (MSE reconstruction + tiny KL)")
+    batch_size: int = option(32, "images per VAE step")
+    lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
+    kl_weight: float = option(1e-6, "weight of the KL term; tiny, as in SD's VAE, so latents stay informative")
+
+
+@dataclass
+class UnetTrainConfig:
+    steps: int = option(3000, "optimizer steps for the UNet and text encoder (trained jointly)")
+    batch_size: int = option(32, "latents per UNet step")
+    lr: float = option(1.5e-3, "peak learning rate (one-cycle schedule)")
+    caption_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
+    dataset_size: int = option(8192, "rendered training images (encoded once by the frozen VAE)")
+    min_snr_gamma: float = option(5.0, "Min-SNR loss weighting (Hang et al. 2023): converges several times faster; 0 = off")
+    ema_decay: float = option(0.999, "EMA of UNet + text-encoder weights; the EMA weights are shipped; 0 = off")
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = option("outputs/tiny-pretrain", "where tiny-sd/, classifier.* and summary.json are written")
+    seed: int = option(0, "seed for rendering, initialisation and noise: the run is reproducible from it")
+    classifier: ClassifierTrainConfig = option(factory=ClassifierTrainConfig, help="fidelity classifier training")
+    vae: VaeTrainConfig = option(factory=VaeTrainConfig, help="VAE training")
+    unet: UnetTrainConfig = option(factory=UnetTrainConfig, help="UNet + text encoder training")
+    threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is often faster when other jobs share the cores")
+    quality_images: int = option(56, "eval-prompt images generated for the closing quality check (0 = skip)")
