@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from test_dpo_helpers import synthetic_pairs, write_pairs
+from deradiff.testing import synthetic_pairs, write_pairs
 from test_reliability_helpers import files_under, run_cli, tiny_assets, train_args, write_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,6 +90,9 @@ TRAIN_CASES = [
     ("data-zero-usable", lambda w, t: ([f"data.source={w['corrupt_all']}"],
                                        [str(w["corrupt_all"]), "no usable", "4 undecodable"])),
     ("unknown-reward", lambda w, t: (["data.generate.reward=pickscore_v9"], ["'pickscore_v9'", "known rewards"])),
+    ("bad-reward-option", lambda w, t: (["data.generate_if_missing=true", f"data.source={t / 'gen.parquet'}",
+                                         "data.generate.reward_options={temperature: 2}"],
+                                        ["'vividness'", "does not take options", "temperature"])),
     ("resume-not-a-checkpoint", lambda w, t: ([f"train.resume_from={t}"], [str(t), "not a checkpoint"])),
 ]
 
@@ -197,8 +200,9 @@ def test_eval_lora_without_metadata_when_beta_is_needed(world, tmp_path, capsys)
 @pytest.mark.parametrize("override, needles", [
     ("lambdas=[0.5, .nan]", ["lambdas[1]", "finite", "nan"]),
     ("extra_lambdas=[.inf]", ["extra_lambdas[0]", "finite", "inf"]),
-    ("rewards=[vividness, nope]", ["'rewards'", "'nope'", "known:"]),
+    ("rewards=[vividness, nope]", ["'rewards'", "'nope'", "known rewards:"]),
     ("reward_options={nope: {}}", ["'reward_options'", "'nope'"]),
+    ("reward_options={vividness: {model_path: /m}}", ["'vividness'", "does not take options", "model_path"]),
 ])
 def test_eval_bad_lambdas_and_rewards_fail_before_sampling(world, tmp_path, capsys, override, needles):
     config = _eval_config(tmp_path, world, world["lora"])

@@ -65,6 +65,31 @@ def test_config_validation_names_the_key() -> None:
         load_config(DDPOConfig, None, [*base, "sample.eta=0"])
     with pytest.raises(ConfigError, match="micro_batch_size"):
         load_config(DDPOConfig, None, [*base, "train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="'ddpo.reward' names unknown reward 'pickscore_v9'"):
+        load_config(DDPOConfig, None, [*base, "ddpo.reward=pickscore_v9"])
+
+
+def test_reward_options_reach_the_reward_before_any_model_loads(tmp_path: Path, monkeypatch) -> None:
+    from deradiff.rewards import base as reward_base
+
+    received: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def factory(model_path: str, dtype: str = "float32"):
+        received.append({"model_path": model_path, "dtype": dtype})
+        raise Stop
+
+    monkeypatch.setitem(reward_base._REGISTRY, "test_reward", factory)
+    no_model = tmp_path / "no-model"  # never reached: the reward is built first
+    cfg = _cfg(str(no_model), tmp_path / "run", "ddpo.reward=test_reward", "ddpo.reward_options={model_path: /m}")
+    with pytest.raises(Stop):
+        run_ddpo(cfg, tracker=RecordingTracker())
+    assert received == [{"model_path": "/m", "dtype": "float32"}]
+    bad = _cfg(str(no_model), tmp_path / "run", "ddpo.reward=test_reward", "ddpo.reward_options={path: /m}")
+    with pytest.raises(ConfigError, match="does not take options \\['path'\\]; it accepts: model_path, dtype"):
+        run_ddpo(bad, tracker=RecordingTracker())
 
 
 def test_prompt_sources(tmp_path: Path) -> None:

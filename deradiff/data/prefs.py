@@ -79,7 +79,7 @@ def generate_preferences(base_model: str, output: str, section: Any, device: Any
     from deradiff.models.pipelines import load_pipeline
     from deradiff.rewards import get_reward
 
-    reward = get_reward(section.reward)  # first: an unknown or missing reward fails before any sampling
+    reward = get_reward(section.reward, **section.reward_options)  # first: an unknown or missing reward fails before any sampling
     if prompts is None:
         from deradiff.world import load_prompts
 

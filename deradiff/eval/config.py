@@ -68,10 +68,8 @@ class EvalConfig:
 
     def _check_rewards(self) -> None:
         """Unknown reward names fail when the config loads, not after every model has been sampled."""
-        from deradiff.rewards import available_rewards
+        from deradiff.rewards import check_reward_name
 
-        known = available_rewards()
         for key, names in (("rewards", self.rewards), ("reward_options", list(self.reward_options))):
             for name in names:
-                if name not in known:
-                    raise ConfigError(f"config key '{key}' names unknown reward {name!r}; known: {', '.join(known)}")
+                check_reward_name(name, key)

@@ -7,6 +7,7 @@ obtained by name through `get_reward`, so configs can name rewards as plain stri
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence, TypeVar
 
@@ -58,10 +59,23 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_reward_name(name: str, key: str) -> None:
+    """ConfigError naming config key `key` unless `name` is a registered reward (checked at config load)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"config key {key!r} names unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
+
+
 def get_reward(name: str, **kwargs) -> Reward:
-    """Build the reward registered as `name`; an unknown name is a ConfigError listing the known ones."""
+    """Build the reward registered as `name`; an unknown name or option is a ConfigError listing the valid ones."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
-    reward = _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError:
+        accepted = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
+        raise ConfigError(f"reward {name!r} does not take options {sorted(kwargs)}; it accepts: "
+                          f"{', '.join(accepted) or 'no options'}") from None
+    reward = factory(**kwargs)
     reward.name = name
     return reward

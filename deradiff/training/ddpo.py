@@ -44,7 +44,7 @@ def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None) -> dict[str, Any]:
     trainer = Trainer(loop_cfg, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg),
                       tracker_override=tracker, sample_unit="sample_steps")
     set_seed(cfg.train.seed)
-    reward_fn = get_reward(cfg.ddpo.reward)  # fails fast (unknown name, missing weights) before any loading
+    reward_fn = get_reward(cfg.ddpo.reward, **cfg.ddpo.reward_options)  # fails fast (unknown name, missing weights) before any loading
     prompts = load_prompt_source(cfg.ddpo.prompts)
     base = resolve_base_model(cfg.model.pretrained)
     pipe, params = load_models(cfg, base, trainer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from deradiff.config import option
 from deradiff.errors import ConfigError
@@ -52,6 +52,8 @@ class DDPOSection:
     """The KL-regularized policy-gradient objective."""
 
     reward: str = option("vividness", "reward name from deradiff.rewards (e.g. vividness, jpeg_compressibility, aesthetic)")
+    reward_options: dict[str, Any] = option(
+        {}, "keyword arguments for the reward, e.g. {model_path: /models/aesthetic} (see docs/rewards.md)")
     prompts: str | list[str] = option(
         "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list"
     )
@@ -72,6 +74,9 @@ class DDPOSection:
     log_images: int = option(4, "images logged per round (0: none)")
 
     def validate(self) -> None:
+        from deradiff.rewards import check_reward_name
+
+        check_reward_name(self.reward, "ddpo.reward")
         if self.beta < 0:
             raise ConfigError(f"config key 'ddpo.beta' must be >= 0, got {self.beta}")
         if not 0 < self.timestep_fraction <= 1:

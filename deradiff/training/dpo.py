@@ -23,7 +23,8 @@ from deradiff.training.registry import TrainerSpec, register_trainer
 class PrefsSection:
     """How `data.source: tiny` preference pairs are generated when the file is missing (see `deradiff data prefs`)."""
 
-    reward: str = option("vividness", "built-in reward that labels the pairs")
+    reward: str = option("vividness", "reward (deradiff.rewards registry) that labels the pairs")
+    reward_options: dict[str, Any] = option({}, "keyword arguments for the reward, e.g. {model_path: /models/PickScore_v1}")
     temperature: float = option(0.05, "Bradley-Terry temperature: P(a preferred) = sigmoid((r_a - r_b) / T)")
     pairs_per_prompt: int = option(4, "image pairs sampled per train prompt")
     num_inference_steps: int = option(20, "sampling steps for the pair images")
@@ -32,13 +33,9 @@ class PrefsSection:
 
     def validate(self) -> None:
         """An unknown reward name fails at config load, not after the model has sampled every pair."""
-        from deradiff.rewards import available_rewards
+        from deradiff.rewards import check_reward_name
 
-        if self.reward not in available_rewards():
-            raise ConfigError(
-                f"config key 'generate.reward' names unknown reward {self.reward!r}; "
-                f"known rewards: {', '.join(available_rewards())}"
-            )
+        check_reward_name(self.reward, "generate.reward")
 
 
 @dataclass
