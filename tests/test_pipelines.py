@@ -12,8 +12,6 @@ from peft.utils import get_peft_model_state_dict
 from deradiff.errors import DeradiffError
 from deradiff.models.pipelines import load_lora, load_pipeline, read_lora_metadata
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture
 def saved(tmp_path, lora_sd_pipe):
@@ -87,3 +85,24 @@ def test_lora_loaded_pipeline_matches_original_lora(saved, lora_sd_pipe):
     x, t, emb = torch.randn(1, 4, 8, 8), 500, torch.randn(1, 16, 32)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, emb).sample, lora_sd_pipe.unet(x, t, emb).sample)
+
+
+def test_saved_lora_is_readable_like_any_file_the_user_writes(tmp_path, lora_sd_pipe):
+    """The LoRA folder and its files follow the umask (not mkdtemp's 0700 or the safetensors writer's 0600),
+    so teammates on a shared cluster can load a finished adapter."""
+    import os
+    import stat
+
+    from deradiff.models.lora import save_lora
+
+    old = os.umask(0o022)
+    try:
+        out = save_lora(lora_sd_pipe.unet, tmp_path / "lora", {"base_model": "x"})
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == mode(tmp_path / "plain") == 0o755
+    assert {f.name: mode(f) for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
+    assert sorted(f.name for f in out.iterdir()) == ["deradiff_metadata.json", "pytorch_lora_weights.safetensors"]

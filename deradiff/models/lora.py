@@ -15,7 +15,8 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import stat
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -114,7 +115,8 @@ def save_lora(
     peft_config = model.peft_config["default"]
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the finished LoRA folder private to its writer
     try:
         pipeline_cls.save_lora_weights(
             str(tmp),
@@ -130,11 +132,24 @@ def save_lora(
             "pipeline_class": pipeline_cls.__name__,
         }
         (tmp / METADATA_NAME).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        _match_umask(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _match_umask(folder: Path) -> None:
+    """Give every file in `folder` the mode a plain `open()` gives under the current umask (the safetensors
+    writer creates its files 0600, which would hide a LoRA from teammates on a shared cluster)."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
