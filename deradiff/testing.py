@@ -1,4 +1,5 @@
-"""Tiny random-weight Stable Diffusion and SDXL pipelines built from configs, for fast CPU tests.
+"""Tiny random-weight Stable Diffusion and SDXL pipelines built from configs, and synthetic preference
+pairs, for fast CPU tests and benchmarks.
 
 Like diffusers' own dummy components: real classes, real code paths, a few thousand parameters, no network.
 (The embedded *trained* tiny model lives in `deradiff.world`; these are for shape-and-plumbing tests.)
@@ -19,6 +20,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from deradiff.data.prefs import png_bytes, write_parquet
 
 MAX_TOKENS = 16
 
@@ -129,3 +132,77 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- SD1.5-sized random models (benchmarks) ----------------------------------------------------------
+# Stable Diffusion 1.5's published component configs (runwayml/stable-diffusion-v1-5: unet/, vae/ and the
+# CLIP ViT-L/14 text_encoder/ config.json), written out so nothing is downloaded.
+SD15_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0, "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+SD15_VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "act_fn": "silu", "sample_size": 512, "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+SD15_TEXT_CONFIG = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+
+
+def sd15_sized_unet(seed: int = 0, device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    """A UNet with SD1.5's architecture (860M parameters) and random weights, built directly on `device`."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+def sd15_sized_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """SD1.5's UNet, VAE and text encoder at full size with random weights (a character tokenizer padded to
+    77 tokens stands in for CLIP's BPE vocabulary, which cannot be downloaded here)."""
+    unet = sd15_sized_unet(seed, device)
+    with torch.device(device):
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(77), unet=unet,
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- synthetic Pick-a-Pic data (tests and benchmarks) ------------------------------------------------
+def save_tiny_base(folder: Path, sdxl: bool = False) -> str:
+    pipe = (tiny_sdxl_pipeline if sdxl else tiny_sd_pipeline)()
+    pipe.save_pretrained(str(folder))
+    return str(folder)
+
+
+def synthetic_pairs(n: int, size: int = 16, seed: int = 0, ties: int = 0, corrupt: int = 0) -> dict[str, list]:
+    """Pairs where image 0 (bright) is preferred in even rows and image 1 in odd rows."""
+    g = torch.Generator().manual_seed(seed)
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(n):
+        bright = torch.rand(3, size, size, generator=g) * 0.3 + 0.7
+        dark = torch.rand(3, size, size, generator=g) * 0.3
+        first, second = (bright, dark) if i % 2 == 0 else (dark, bright)
+        rows["caption"].append(f"a red circle {i % 3}")
+        rows["jpg_0"].append(png_bytes(first))
+        rows["jpg_1"].append(png_bytes(second))
+        label = 1.0 if i % 2 == 0 else 0.0
+        rows["label_0"].append(0.5 if i < ties else label)
+        rows["label_1"].append(0.5 if i < ties else 1 - label)
+    for j in range(corrupt):
+        rows["jpg_1"][n - 1 - j] = b"not an image"
+    return rows
+
+
+def write_pairs(path: Path, n: int, **kwargs) -> str:
+    write_parquet(synthetic_pairs(n, **kwargs), path)
+    return str(path)

@@ -42,9 +42,10 @@ def add_lora():
     return _add_test_lora
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Run with one torch thread: tiny models are ~10x slower with 2 threads on a busy 2-core machine."""
+    """Every test runs with one torch thread: tiny models are ~10x slower with 2 threads on a busy 2-core
+    machine. (Multi-process tests start their own interpreters and set threads themselves.)"""
     import torch
 
     before = torch.get_num_threads()

@@ -17,7 +17,6 @@ import yaml
 from deradiff.testing import synthetic_pairs, write_pairs
 from test_reliability_helpers import files_under, run_cli, tiny_assets, train_args, write_lora
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 

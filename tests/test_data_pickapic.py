@@ -10,8 +10,7 @@ from deradiff.data.cache import CachedPairs, Encoder, LivePairs, build_cache
 from deradiff.data.pickapic import data_fingerprint, decode_image, load_preference_pairs
 from deradiff.data.prefs import bradley_terry_labels
 from deradiff.errors import DeradiffError
-from deradiff.testing import tiny_sd_pipeline
-from test_dpo_helpers import synthetic_pairs, write_pairs
+from deradiff.testing import synthetic_pairs, tiny_sd_pipeline, write_pairs
 
 
 def test_cleaning_drops_ties_skips_undecodable_and_orients(tmp_path):

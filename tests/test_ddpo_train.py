@@ -18,15 +18,6 @@ from deradiff.training.tracking import RecordingTracker
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two fighting a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> str:
     from deradiff.testing import tiny_sd_pipeline

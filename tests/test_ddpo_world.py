@@ -37,25 +37,20 @@ def _world_model() -> str:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[float, tuple[Path, RecordingTracker]]:
     """LoRAs trained for 8 rounds of 16 trajectories (4 prompts x 4), at a small and a large beta."""
     base = _world_model()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model on a shared 2-core machine: one thread is faster
-    try:
-        out = {}
-        for beta in (SMALL_BETA, LARGE_BETA):
-            folder = tmp_path_factory.mktemp(f"ddpo-beta{beta}")
-            cfg = load_config(DDPOConfig, None, [
-                f"output_dir={folder}", f"model.pretrained={base}", "ddpo.reward=vividness", f"ddpo.beta={beta}",
-                f"sample.num_steps={STEPS}", "sample.guidance_scale=1.0", "sample.batch_size=16",
-                "sample.batches_per_round=1", "sample.images_per_prompt=4", "train.micro_batch_size=8",
-                "train.max_steps=16", "optim.lr=0.01", "optim.lr_scheduler=constant", "ddpo.clip_range=0.01",
-                "ddpo.stat_min_count=4", "lora.rank=8", "tracker.backend=none",
-            ])
-            tracker = RecordingTracker()
-            run_ddpo(cfg, tracker=tracker)
-            out[beta] = (folder / "lora", tracker)
-        yield out
-    finally:
-        torch.set_num_threads(threads)
+    out = {}
+    for beta in (SMALL_BETA, LARGE_BETA):
+        folder = tmp_path_factory.mktemp(f"ddpo-beta{beta}")
+        cfg = load_config(DDPOConfig, None, [
+            f"output_dir={folder}", f"model.pretrained={base}", "ddpo.reward=vividness", f"ddpo.beta={beta}",
+            f"sample.num_steps={STEPS}", "sample.guidance_scale=1.0", "sample.batch_size=16",
+            "sample.batches_per_round=1", "sample.images_per_prompt=4", "train.micro_batch_size=8",
+            "train.max_steps=16", "optim.lr=0.01", "optim.lr_scheduler=constant", "ddpo.clip_range=0.01",
+            "ddpo.stat_min_count=4", "lora.rank=8", "tracker.backend=none",
+        ])
+        tracker = RecordingTracker()
+        run_ddpo(cfg, tracker=tracker)
+        out[beta] = (folder / "lora", tracker)
+    return out
 
 
 def _measure(lora_dir: Path, n: int = 64, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -14,8 +14,6 @@ from PIL import Image
 
 from test_reliability_helpers import LORA_FILE, lora_tensors, run_cli, tiny_assets, train_args, write_lora
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_dpo_helpers import save_tiny_base, write_pairs
+from deradiff.testing import save_tiny_base, write_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

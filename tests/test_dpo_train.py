@@ -12,7 +12,7 @@ from deradiff.config import load_config
 from deradiff.errors import DeradiffError
 from deradiff.training.dpo import DPOConfig, run_dpo
 from deradiff.training.tracking import RecordingTracker
-from test_dpo_helpers import save_tiny_base, write_pairs
+from deradiff.testing import save_tiny_base, write_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,15 +43,6 @@ def _lora(base_dir, out_dir, beta: float, scale: float) -> str:
     return str(out_dir)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-models")

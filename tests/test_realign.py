@@ -15,7 +15,6 @@ import deradiff
 from deradiff.errors import DeradiffError
 from deradiff.realign.schedulers import ApproximateSamplerWarning
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a red circle"
 STEPS = 3

@@ -21,7 +21,6 @@ import deradiff
 from deradiff.realign.denoiser import RealignedDenoiser, lora_layers
 from deradiff.realign.schedulers import ApproximateSamplerWarning
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 3
 
 

@@ -16,7 +16,6 @@ from deradiff import cli
 from deradiff.config import load_config
 from deradiff.realign.sample import RealignConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,6 @@ from deradiff.errors import DeradiffError
 from deradiff.realign.api import HANDLE_ATTR
 from deradiff.realign.sweep import sweep
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a red circle", "a blue square"]
 SEEDS = [3, 4]
 LAMBDAS = [0.0, 0.5, 1.0, 2.0]

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from deradiff import cli
-from test_dpo_helpers import save_tiny_base, write_pairs
+from deradiff.testing import save_tiny_base, write_pairs
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

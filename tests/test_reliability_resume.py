@@ -21,7 +21,6 @@ from deradiff.training.checkpoint import list_checkpoints, resolve_resume
 from deradiff.training.lock import LOCK_NAME
 from test_reliability_helpers import lora_tensors, max_abs_diff, run_cli, tiny_assets, train_args
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 8
 KILL_STEPS = sorted(random.Random(20261201).sample(range(2, MAX_STEPS), 3))  # three distinct steps in 2..7
@@ -63,17 +62,10 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(assets):
     """The uninterrupted run (in-process, one thread like the children)."""
-    import torch
-
     from deradiff import cli
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = assets["root"] / "reference"
-        assert cli.main(train_args(assets["config"], out)) == 0
-    finally:
-        torch.set_num_threads(before)
+    out = assets["root"] / "reference"
+    assert cli.main(train_args(assets["config"], out)) == 0
     return lora_tensors(out)
 
 

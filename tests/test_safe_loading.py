@@ -16,7 +16,6 @@ import torch
 
 from test_reliability_helpers import files_under, run_cli, tiny_assets, train_args
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 PACKAGE = Path(__file__).resolve().parents[1] / "deradiff"
 
 

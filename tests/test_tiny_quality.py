@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from deradiff.world import TINY_MODEL_DIR, load_prompts
 from deradiff.world.classifier import evaluate_classifier, load_classifier
