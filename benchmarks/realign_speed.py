@@ -2,6 +2,7 @@
 
     python benchmarks/realign_speed.py                    # CPU tiny model; plus SD1.5-sized UNet if a GPU exists
     python benchmarks/realign_speed.py --steps 20 --repeats 5 --cpu-batches 1 4
+    python benchmarks/realign_speed.py --skip-cpu --cpu-sd15  # SD1.5-sized UNet on CPU (memory at real size)
 
 Variants, all in one run and interleaved per repeat (the machine is shared: compare ratios, not seconds):
   plain      the aligned model (UNet + LoRA, adapter on) alone: the cost realignment is compared against
@@ -30,7 +31,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +43,6 @@ from torch.utils._pytree import tree_flatten
 LAM, GUIDANCE = 0.5, 7.5
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Stable Diffusion 1.5's published unet/config.json (runwayml/stable-diffusion-v1-5), written out: no download.
-SD15_UNET_CONFIG = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0, "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -100,11 +92,11 @@ def tiny_setup() -> Setup:
 
 def sd15_setup(device: torch.device, dtype: torch.dtype) -> Setup:
     """A UNet with SD1.5's architecture and random weights (860M parameters), LoRA rank 8 on attention."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    from deradiff.testing import sd15_sized_unet
+
+    unet = sd15_sized_unet(0, device)
     unet = add_lora(unet.to(dtype).eval(), rank=8).to(device=device, dtype=dtype)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -242,12 +234,13 @@ def seconds(setup: Setup, predict: Predict, batch: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(setup: Setup, batch: int, steps: int, repeats: int) -> list[dict]:
+def measure(setup: Setup, batch: int, steps: int, repeats: int, warmup: bool = True) -> list[dict]:
     """Median seconds per image (interleaved repeats after one warm-up each) and peak memory per variant."""
     runs = variants(setup)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for name, (predict, _) in runs.items():
-        sample(setup, predict, batch, min(steps, 2))  # warm-up (kernels, allocator)
+        if warmup:
+            sample(setup, predict, batch, min(steps, 2))  # kernels, allocator
     for _ in range(repeats):
         for name, (predict, _) in runs.items():
             times[name].append(seconds(setup, predict, batch, steps) / batch)
@@ -293,6 +286,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--gpu-repeats", type=int, default=3)
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--cpu-sd15", action="store_true",
+                        help="also run the SD1.5-sized UNet on CPU (float32, batch 1, no warm-up; ~1 min per step "
+                             "for all variants on 2 cores): the memory ratio at real size without a GPU")
+    parser.add_argument("--cpu-sd15-steps", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
@@ -301,6 +298,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         setup = tiny_setup()
         for batch in args.cpu_batches:
             rows += measure(setup, batch, args.steps, args.repeats)
+    if args.cpu_sd15:
+        setup = sd15_setup(torch.device("cpu"), torch.float32)
+        rows += measure(setup, 1, args.cpu_sd15_steps, repeats=1, warmup=False)
+        del setup
+        gc.collect()
     if torch.cuda.is_available():
         for dtype in args.gpu_dtypes:
             setup = sd15_setup(torch.device("cuda"), getattr(torch, dtype))
