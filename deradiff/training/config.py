@@ -1,15 +1,7 @@
 """Config sections shared by every trainer (DPO, DDPO): one definition, documented once, here.
 
-A trainer schema composes them, e.g.::
-
-    @dataclass
-    class DPOConfig:
-        output_dir: str = option(help="...")
-        model: ModelSection = option(factory=ModelSection, help="base model")
-        lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
-        optim: OptimSection = option(factory=OptimSection, help="optimizer")
-        train: TrainSection = option(factory=TrainSection, help="loop, precision, checkpoints")
-        tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking")
+A trainer schema extends `TrainerConfig` (output_dir, model, lora, optim, train, tracker) with its own
+sections, e.g. ``class DPOConfig(TrainerConfig): data: DataSection; dpo: DPOSection``.
 """
 
 from __future__ import annotations
@@ -104,3 +96,15 @@ class TrackerSection:
     entity: str | None = option(None, "W&B entity (team)")
     run_name: str | None = option(None, "W&B run name (default: the output folder name)")
     tags: list[str] = option([], "W&B tags")
+
+
+@dataclass(kw_only=True)  # keyword-only: subclasses may add required sections after these defaults
+class TrainerConfig:
+    """The sections every `deradiff train <method>` config has."""
+
+    output_dir: str = option(help="run folder: lora/, checkpoints/, summary.json, W&B files")
+    model: ModelSection = option(factory=ModelSection, help="base model")
+    lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
+    optim: OptimSection = option(factory=OptimSection, help="optimizer")
+    train: TrainSection = option(factory=TrainSection, help="loop, precision, checkpoints (max_steps: optimizer steps)")
+    tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking")

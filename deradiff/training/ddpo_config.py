@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from deradiff.config import option
 from deradiff.errors import ConfigError
-from deradiff.training.config import LoraSection, ModelSection, OptimSection, TrackerSection, TrainSection
+from deradiff.training.config import TrainerConfig
 
 BETA_HELP = (
     "KL strength beta >= 0 of the objective E[reward] - beta * KL, where KL is the closed-form KL of the whole "
@@ -87,16 +87,10 @@ class DDPOSection:
             raise ConfigError(f"config key 'ddpo.clip_range' must be > 0, got {self.clip_range}")
 
 
-@dataclass
-class DDPOConfig:
+@dataclass(kw_only=True)
+class DDPOConfig(TrainerConfig):
     """`deradiff train ddpo`: KL-regularized DDPO on a LoRA; writes output_dir/lora like every trainer."""
 
-    output_dir: str = option(help="run folder: checkpoints/, lora/, summary.json, wandb/")
-    model: ModelSection = option(factory=ModelSection, help="base model")
-    lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
-    optim: OptimSection = option(factory=OptimSection, help="optimizer")
-    train: TrainSection = option(factory=TrainSection, help="loop, precision, checkpoints (max_steps: optimizer steps)")
-    tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking")
     sample: SampleSection = option(factory=SampleSection, help="DDIM sampler for trajectories")
     ddpo: DDPOSection = option(factory=DDPOSection, help="objective: reward, beta, PPO")
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from deradiff.config import config_to_dict, option
 from deradiff.errors import ConfigError, DeradiffError
-from deradiff.training.config import LoraSection, ModelSection, OptimSection, TrackerSection, TrainSection
+from deradiff.training.config import TrainerConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
 
 
@@ -64,17 +64,11 @@ class DPOSection:
             raise ConfigError(f"config key 'dpo.beta' must be > 0, got {self.beta}")
 
 
-@dataclass
-class DPOConfig:
+@dataclass(kw_only=True)
+class DPOConfig(TrainerConfig):
     """`deradiff train dpo`: one LoRA at one beta."""
 
-    output_dir: str = option(help="run folder: lora/, checkpoints/, summary.json, W&B files")
     data: DataSection = option(help="preference data")
-    model: ModelSection = option(factory=ModelSection, help="base model")
-    lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
-    optim: OptimSection = option(factory=OptimSection, help="optimizer")
-    train: TrainSection = option(factory=TrainSection, help="loop, precision, checkpoints")
-    tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking")
     dpo: DPOSection = option(factory=DPOSection, help="DPO objective")
 
 
