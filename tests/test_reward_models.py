@@ -1,4 +1,4 @@
-"""Model-backed rewards (clip_score, pickscore, aesthetic) on a tiny random CLIPModel saved to a temp folder.
+"""Model-backed rewards (clip_score, pickscore, hpsv2, aesthetic) on a tiny random CLIPModel saved to a temp folder.
 
 Values are checked against an independent computation: the PIL CLIPImageProcessor + get_image_features /
 get_text_features + cosine by hand, so the reward's tensor preprocessing and score conventions are both tested.
@@ -94,14 +94,16 @@ def test_all_model_rewards_are_registered():
     assert {"clip_score", "pickscore", "aesthetic", "hpsv2", "image_reward"} <= set(available_rewards())
 
 
-def test_clip_score_and_pickscore_match_hand_computation(clip_dir):
+def test_clip_score_pickscore_and_hpsv2_match_hand_computation(clip_dir):
     images = _images()
     cosine, _ = _reference_cosine(clip_dir, images, PROMPTS)
     clip = get_reward("clip_score", model_path=str(clip_dir))
     pick = get_reward("pickscore", model_path=str(clip_dir), processor_path=str(clip_dir))
-    assert clip.name == "clip_score" and clip.higher_is_better
+    hps = get_reward("hpsv2", model_path=str(clip_dir))
+    assert clip.name == "clip_score" and clip.higher_is_better and hps.name == "hpsv2"
     torch.testing.assert_close(clip(images, PROMPTS), 100 * cosine.clamp(min=0), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pick(images, PROMPTS), float(np.exp(LOGIT_SCALE)) * cosine, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hps(images, PROMPTS), cosine, atol=1e-6, rtol=1e-5)  # hpsv2 reports the raw cosine
     assert (cosine < 0).any() and (cosine > 0).any()  # both sides of clip_score's clip at 0 are exercised
 
 
@@ -126,6 +128,10 @@ def test_tensor_preprocessing_tracks_pil_processor_after_resize(clip_dir):
 
 def test_env_var_fallback_and_dtype(clip_dir, monkeypatch):
     monkeypatch.setenv("DERADIFF_CLIP_SCORE_PATH", str(clip_dir))
+    monkeypatch.setenv("DERADIFF_HPSV2_PATH", str(clip_dir))
+    monkeypatch.setenv("DERADIFF_HPSV2_PROCESSOR_PATH", str(clip_dir / "no-processor"))
+    with pytest.raises(DeradiffError, match="no-processor"):  # the processor variable is read too
+        get_reward("hpsv2")
     images = _images()
     full = get_reward("clip_score")(images, PROMPTS)
     half = get_reward("clip_score", dtype=torch.bfloat16)(images, PROMPTS)
@@ -148,10 +154,12 @@ def test_aesthetic_matches_hand_computation(clip_dir, head_file):
 
 def test_missing_paths_are_one_clear_error(tmp_path, monkeypatch, clip_dir):
     for var in ("DERADIFF_CLIP_SCORE_PATH", "DERADIFF_PICKSCORE_PATH", "DERADIFF_AESTHETIC_CLIP_PATH",
-                "DERADIFF_AESTHETIC_HEAD_PATH"):
+                "DERADIFF_AESTHETIC_HEAD_PATH", "DERADIFF_HPSV2_PATH"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(DeradiffError, match="DERADIFF_PICKSCORE_PATH"):
         get_reward("pickscore")
+    with pytest.raises(DeradiffError, match="'hpsv2' needs the HPSv2 CLIPModel folder.*DERADIFF_HPSV2_PATH"):
+        get_reward("hpsv2")
     with pytest.raises(DeradiffError, match="'/nowhere/clip'.*not a folder"):
         get_reward("clip_score", model_path="/nowhere/clip")
     with pytest.raises(DeradiffError, match=f"'{tmp_path}' has no .safetensors weights"):
@@ -197,10 +205,9 @@ def test_pickle_only_folder_is_refused_and_never_unpickled(clip_dir, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["hpsv2", "image_reward"])
-def test_unsupported_rewards_raise_clear_error(name):
-    with pytest.raises(DeradiffError, match=f"'{name}' is not supported yet"):
-        get_reward(name, model_path="/anything")
+def test_image_reward_raises_clear_error():
+    with pytest.raises(DeradiffError, match="'image_reward' is not supported yet"):
+        get_reward("image_reward", model_path="/anything")
 
 
 def test_importing_rewards_does_not_import_transformers():

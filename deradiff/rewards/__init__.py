@@ -2,7 +2,7 @@
 
 Built-ins: `vividness`, `jpeg_compressibility`, `jpeg_incompressibility`, `fidelity` (tiny world).
 Model-backed (local safetensors weights, loaded only when built; docs/rewards.md): `clip_score`, `pickscore`,
-`aesthetic`; `hpsv2` and `image_reward` are registered but raise a DeradiffError (not supported yet).
+`hpsv2`, `aesthetic`; `image_reward` is registered but raises a DeradiffError (not supported yet).
 """
 
 from deradiff.rewards import builtin as _builtin  # noqa: F401  (registers the built-in rewards)

@@ -1,5 +1,5 @@
-"""Rewards backed by real (local) reward models: `clip_score`, `pickscore`, `aesthetic`; `hpsv2` and
-`image_reward` are registered but refuse to build (not supported yet).
+"""Rewards backed by real (local) reward models: `clip_score`, `pickscore`, `hpsv2`, `aesthetic`;
+`image_reward` is registered but refuses to build (not supported yet).
 
 Why this shape:
 - Optional extras, loaded lazily: this module imports only torch at import time (it is imported by
@@ -75,6 +75,15 @@ def require_processor_folder(folder: Path, reward: str, what: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- loading
+
+
+def clip_folders(reward: str, model_path: Optional[str], processor_path: Optional[str], env_prefix: str,
+                 what: str) -> tuple[Path, Path]:
+    """(model folder, processor folder) of a CLIP-based reward: the arguments, else `{env_prefix}_PATH` and
+    `{env_prefix}_PROCESSOR_PATH`; the processor defaults to the model folder."""
+    model = require_safetensors_folder(resolve_path(model_path, f"{env_prefix}_PATH", reward, what), reward, "model_path")
+    raw = processor_path or os.environ.get(f"{env_prefix}_PROCESSOR_PATH") or model
+    return model, require_processor_folder(Path(raw).expanduser(), reward, "processor_path")
 
 
 def load_clip(model_path: Path, processor_path: Path, reward: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
@@ -178,8 +187,21 @@ class _ClipReward(Reward):
         return (self.image_embeddings(images) * self.text_embeddings(prompts, images.device)).sum(-1)
 
 
+class _PromptReward(_ClipReward):
+    """A CLIP-style image-prompt reward: model + processor folders from kwargs or `{env_prefix}_PATH` /
+    `{env_prefix}_PROCESSOR_PATH`."""
+
+    env_prefix = ""
+    model_what = ""
+
+    def __init__(self, model_path: Optional[str] = None, processor_path: Optional[str] = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        folders = clip_folders(self.reward_name, model_path, processor_path, self.env_prefix, self.model_what)
+        super().__init__(*folders, dtype)
+
+
 @register_reward("clip_score")
-class ClipScore(_ClipReward):
+class ClipScore(_PromptReward):
     """CLIPScore as in torchmetrics: 100 * max(cosine(image, prompt), 0); range [0, 100].
 
     (Hessel et al.'s paper scales by 2.5 instead of 100; only the scale differs.) Default model: CLIP
@@ -188,14 +210,8 @@ class ClipScore(_ClipReward):
 
     reward_name = "clip_score"
 
-    def __init__(self, model_path: Optional[str] = None, processor_path: Optional[str] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        model = require_safetensors_folder(resolve_path(model_path, "DERADIFF_CLIP_SCORE_PATH", self.reward_name,
-                                                        "a local CLIP model folder (model_path)"),
-                                           self.reward_name, "model_path")
-        proc = require_processor_folder(Path(processor_path).expanduser() if processor_path else model,
-                                        self.reward_name, "processor_path")
-        super().__init__(model, proc, dtype)
+    env_prefix = "DERADIFF_CLIP_SCORE"
+    model_what = "a local CLIP model folder (model_path)"
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -203,7 +219,7 @@ class ClipScore(_ClipReward):
 
 
 @register_reward("pickscore")
-class PickScore(_ClipReward):
+class PickScore(_PromptReward):
     """PickScore (Kirstain et al. 2023): logit_scale.exp() * cosine(image, prompt), as in the paper's scoring
     code (about 100 * cosine for PickScore_v1, typical values near 20). Not softmaxed across images: the
     score of one image does not depend on the others in the batch.
@@ -214,18 +230,33 @@ class PickScore(_ClipReward):
 
     reward_name = "pickscore"
 
-    def __init__(self, model_path: Optional[str] = None, processor_path: Optional[str] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        model = require_safetensors_folder(resolve_path(model_path, "DERADIFF_PICKSCORE_PATH", self.reward_name,
-                                                        "the PickScore_v1 model folder (model_path)"),
-                                           self.reward_name, "model_path")
-        raw = processor_path or os.environ.get("DERADIFF_PICKSCORE_PROCESSOR_PATH") or model
-        proc = require_processor_folder(Path(raw).expanduser(), self.reward_name, "processor_path")
-        super().__init__(model, proc, dtype)
+    env_prefix = "DERADIFF_PICKSCORE"
+    model_what = "the PickScore_v1 model folder (model_path)"
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
+
+
+@register_reward("hpsv2")
+class HPSv2(_PromptReward):
+    """HPSv2 / HPSv2.1 (Wu et al. 2023): cosine(image, prompt) of the HPS fine-tuned CLIP ViT-H/14, the
+    score the hpsv2 package reports (no logit scale; typical values 0.2-0.35).
+
+    `model_path`: the HPS weights as a transformers CLIPModel folder with safetensors (a conversion of the
+    open_clip checkpoint, e.g. the community `adams-story/HPSv2-hf`); the original `HPS_v2_compressed.pt`
+    is a pickle and is refused. `processor_path`: the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` processor
+    (open_clip's ViT-H-14 preprocessing and tokenizer); defaults to `model_path` when that holds one.
+    """
+
+    reward_name = "hpsv2"
+
+    env_prefix = "DERADIFF_HPSV2"
+    model_what = "the HPSv2 CLIPModel folder (model_path)"
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.cosine(images, prompts)
 
 
 def load_aesthetic_head(path: Path, in_features: int) -> torch.nn.Sequential:
@@ -291,8 +322,8 @@ def _unsupported(name: str, needs: str) -> type[Reward]:
     class Unsupported(Reward):
         def __init__(self, **kwargs: Any) -> None:
             raise DeradiffError(f"reward {name!r} is not supported yet: it needs {needs}. deradiff loads "
-                                "safetensors only and does not run these packages; use clip_score, pickscore or "
-                                "aesthetic, or register your own Reward (see docs/rewards.md)")
+                                "safetensors only and does not run these packages; use clip_score, pickscore, "
+                                "hpsv2 or aesthetic, or register your own Reward (see docs/rewards.md)")
 
         def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
             raise NotImplementedError
@@ -301,5 +332,4 @@ def _unsupported(name: str, needs: str) -> type[Reward]:
     return register_reward(name)(Unsupported)
 
 
-_unsupported("hpsv2", "the hpsv2 and open_clip packages and the pickled HPS_v2 checkpoint (HPS_v2_compressed.pt)")
 _unsupported("image_reward", "the image-reward package (BLIP + MLP) and its pickled ImageReward.pt checkpoint")
