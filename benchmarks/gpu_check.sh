@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both benchmarks on one GPU in one prepared run (the device tool: one call, carry [".whl"]).
+# The GPU tests and both benchmarks on one GPU in one prepared run (the device tool: one call, carry [".whl"]).
 #   here:   bash benchmarks/gpu_wheels.sh
 #   device: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Expected length on an H200: a few minutes (SD1.5-sized UNet, fp16 + bf16, batch 1 and 8; DPO ladder bf16).
@@ -12,6 +12,7 @@ out="${OUT:-/tmp/deradiff-gpu}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" || true
 python3 benchmarks/realign_speed.py --skip-cpu --gpu-batches 1 8 --gpu-dtypes float16 bfloat16 --gpu-steps 20 \
   --gpu-repeats 3 2>&1 | tee "$out/realign_speed.txt"
 python3 benchmarks/dpo_throughput.py --model sd15 --device cuda --dtype bfloat16 --pairs 4 --steps 5 --rounds 3 \
