@@ -8,6 +8,7 @@ Variants, all in one run and interleaved per repeat (the machine is shared: comp
   plain      the aligned model (UNet + LoRA, adapter on) alone: the cost realignment is compared against
   stacked    deradiff realigned, both branches in ONE forward per step (batch_branches=True)
   two-call   deradiff realigned, two sequential forwards per step (batch_branches=False)
+             (the default, batch_branches=None, is `stacked` for calls of <= 2 rows and `two-call` beyond)
   official   the official-code style: two full UNet copies (deepcopy; the LoRA fused into the aligned copy),
              called one after the other, one image at a time (batch 1)
 Every variant runs the same loop: DDIM (eta=1) with classifier-free guidance (scale 7.5) on random prompt

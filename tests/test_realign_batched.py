@@ -61,6 +61,25 @@ def test_sd_batched_equals_two_calls_with_cfg(lora_sd_pipe, scheduler, eta, imag
     assert two_rows == [2 * images] * (2 * STEPS)
 
 
+@pytest.mark.parametrize("images, path, rows", [(1, "batched", [4]), (2, "two-call", [4, 4])])
+def test_default_stacks_one_image_and_runs_two_calls_for_more(lora_sd_pipe, images, path, rows):
+    """batch_branches=None: one image with CFG (2 rows) is stacked; larger calls run two (memory budget)."""
+    handle = deradiff.realign(lora_sd_pipe, lam=0.5)
+    seen: list[int] = []
+    hook = handle.original.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["sample"]).shape[0]), with_kwargs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ApproximateSamplerWarning)
+        default = lora_sd_pipe("a red circle", num_images_per_prompt=images, num_inference_steps=STEPS,
+                               generator=[torch.Generator().manual_seed(i) for i in range(images)],
+                               output_type="latent").images
+    hook.remove()
+    assert handle.denoiser.last_path == path and seen == rows * STEPS
+    handle.undo()
+    forced, _ = run(lora_sd_pipe, path == "batched", images)
+    close(default, forced)
+
+
 def test_sdxl_batched_equals_two_calls_with_cfg(lora_sdxl_pipe):
     """SDXL: added_cond_kwargs (text_embeds, time_ids) are stacked with the latents."""
     stacked, rows = run(lora_sdxl_pipe, True, images=2, eta=1.0)

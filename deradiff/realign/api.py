@@ -130,7 +130,8 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
     a peft LoRA adapter (reference = adapter off). beta: the KL strength the aligned model was trained at
     (default: from the LoRA's deradiff metadata when it was loaded with deradiff.models.load_lora).
     batch_branches: True = adapter-off and adapter-on branches in one stacked forward per step (LoRA mode),
-    False = two calls (half the activation memory), None = default (stacked); see RealignedDenoiser.
+    False = two calls (half the activation memory), None = default: stacked for one image with CFG (2 rows),
+    two calls for larger batches (memory and measured speed; see RealignedDenoiser).
     """
     handle = pipe.__dict__.get(HANDLE_ATTR)
     if handle is not None and handle.active:

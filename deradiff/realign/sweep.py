@@ -151,8 +151,9 @@ def sweep(pipe: Any, prompts: str | Sequence[str], seeds: Sequence[int], lambdas
 
     pipe: a pipeline carrying a LoRA adapter, realigned or not (left as it was found). max_batch: most
     trajectories (lambda x prompt x seed) per pipeline call; lambdas are split across calls to respect it
-    (default: all in one call). batch_branches: as in `deradiff.realign` (None keeps the pipeline's setting,
-    stacked by default; with False still one call per branch for all lambdas).
+    (default: all in one call). batch_branches: as in `deradiff.realign` (None keeps the pipeline's setting;
+    a sweep's calls hold several rows, so the default runs one call per branch for all lambdas, True one
+    stacked call).
     pipe_kwargs: passed to every pipeline call (num_inference_steps, guidance_scale, eta, output_type, ...).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
