@@ -33,7 +33,12 @@ def model_and_lora(tmp_path, lora_sd_pipe):
     return base, lora
 
 
-def test_cli_end_to_end(tmp_path, model_and_lora, capsys):
+def test_cli_end_to_end(tmp_path, model_and_lora, capsys, monkeypatch):
+    from deradiff.realign.batched import BranchBatcher
+
+    stacked_calls: list[int] = []
+    original_run = BranchBatcher.run
+    monkeypatch.setattr(BranchBatcher, "run", lambda self, *a: stacked_calls.append(1) or original_run(self, *a))
     base, lora = model_and_lora
     out = tmp_path / "out"
     prompts = tmp_path / "prompts.txt"
@@ -60,6 +65,14 @@ def test_cli_end_to_end(tmp_path, model_and_lora, capsys):
     assert "overwrite=true" in capsys.readouterr().err
     assert cli.main([*args, "overwrite=true"]) == 0
     assert np.array_equal(np.asarray(Image.open(out / rows[0]["file"])), first)  # same seed, same image
+    # 12 rows per call (6 trajectories with CFG): auto ran two calls; one stacked forward changes only rounding
+    auto = {row["file"]: np.asarray(Image.open(out / row["file"])).astype(int) for row in rows}
+    assert not stacked_calls
+    assert cli.main([*args, "overwrite=true", "branches=stacked"]) == 0
+    assert len(stacked_calls) == 2 * 2  # 2 prompts x 2 steps, one stacked forward each
+    for file, image in auto.items():
+        assert np.abs(np.asarray(Image.open(out / file)).astype(int) - image).max() <= 1, file
+    assert "branches: stacked" in (out / "config.yaml").read_text()
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path, model_and_lora, capsys):

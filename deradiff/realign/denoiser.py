@@ -77,6 +77,7 @@ def _adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
 
 
 AUTO_STACK_ROWS = 2  # batch_branches=None stacks calls of at most this many rows: one image + its CFG pair
+BRANCH_MODES: dict[str, bool | None] = {"auto": None, "stacked": True, "two-call": False}  # config name -> batch_branches
 
 
 class RealignedDenoiser(nn.Module):

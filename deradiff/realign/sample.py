@@ -55,6 +55,9 @@ class RealignConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "weights dtype")
     overwrite: bool = option(False, "allow writing into a non-empty output_dir")
     max_batch: int = option(8, "most images (lambdas x seeds) per pipeline call; lambdas beyond it run in more calls")
+    branches: Literal["auto", "stacked", "two-call"] = option(
+        "auto", "how the reference and aligned branches run per step: auto (one stacked forward for calls of "
+                "<= 2 rows, else two calls), stacked (always one forward), two-call (least activation memory)")
 
     def validate(self) -> None:
         from deradiff.realign.mixing import check_lambda
@@ -89,6 +92,7 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
 
     import deradiff
     from deradiff.models.pipelines import load_lora, load_pipeline
+    from deradiff.realign.denoiser import BRANCH_MODES
     from deradiff.realign.mixing import describe_strength, effective_beta
 
     out = Path(config.output_dir)
@@ -101,7 +105,7 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     pipe.scheduler = _scheduler(config.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     beta = config.beta if config.beta is not None else metadata.get("beta")
-    handle = deradiff.realign(pipe, lam=config.lambdas[0], beta=beta)
+    handle = deradiff.realign(pipe, lam=config.lambdas[0], beta=beta, batch_branches=BRANCH_MODES[config.branches])
     rows: list[dict[str, Any]] = []
     total = len(prompts) * len(config.lambdas) * len(config.seeds)
     # closed on errors too, so an error line never lands on the unfinished progress-bar line
