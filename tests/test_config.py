@@ -36,6 +36,17 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.optim.betas == [0.5, 0.6]
 
 
+def test_unquoted_yaml_no_is_the_word_for_a_string_choice(tmp_path):
+    """YAML 1.1 reads `no` as False; `mixed_precision: no` (file or override) must still mean "no"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: out\nmixed_precision: no\n")
+    assert load_config(Example, path).mixed_precision == "no"
+    assert load_config(Example, None, ["output_dir=o", "mixed_precision=fp16", "mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'mixed_precision' must be one of"):
+        load_config(Example, None, ["output_dir=o", "mixed_precision=yes"])  # no option spells True
+    assert load_config(Example, None, ["output_dir=o", "verbose=no"]).verbose is False  # real booleans unchanged
+
+
 def test_defaults_are_not_shared_between_instances():
     a = load_config(Example, None, ["output_dir=a"])
     b = load_config(Example, None, ["output_dir=b"])

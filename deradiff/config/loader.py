@@ -136,6 +136,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         return _coerce_union(tp, value, key)
     if origin is Literal:
+        value = _unyaml_bool(value, get_args(tp))
         if value not in get_args(tp):
             raise ConfigError(f"config key '{key}' must be one of {list(get_args(tp))}, got {value!r}")
         return value
@@ -150,6 +151,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
         return dict(value)
     return _coerce_scalar(tp, value, key)
+
+
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _unyaml_bool(value: Any, options: tuple) -> Any:
+    """YAML reads an unquoted `no`/`off`/`yes`/`on` as a boolean: give a string choice such as
+    `mixed_precision: no` back its word when exactly one option spells that boolean."""
+    if not isinstance(value, bool) or any(isinstance(o, bool) for o in options):
+        return value
+    spelled = [o for o in options if isinstance(o, str) and o.lower() in _YAML_BOOL_WORDS[value]]
+    return spelled[0] if len(spelled) == 1 else value
 
 
 def _coerce_union(tp: Any, value: Any, key: str) -> Any:
