@@ -202,6 +202,7 @@ def test_eval_lora_without_metadata_when_beta_is_needed(world, tmp_path, capsys)
     ("rewards=[vividness, nope]", ["'rewards'", "'nope'", "known rewards:"]),
     ("reward_options={nope: {}}", ["'reward_options'", "'nope'"]),
     ("reward_options={vividness: {model_path: /m}}", ["'vividness'", "does not take options", "model_path"]),
+    ("reward_options={fidelity: {}}", ["'reward_options'", "['fidelity']", "'rewards' does not list"]),
 ])
 def test_eval_bad_lambdas_and_rewards_fail_before_sampling(world, tmp_path, capsys, override, needles):
     config = _eval_config(tmp_path, world, world["lora"])

@@ -53,3 +53,24 @@ def test_jpeg_rewards_prefer_flat_vs_busy():
     assert torch.allclose(c, -i)
     assert c[0] > c[1] and i[1] > i[0]
     assert 0 < i[0] < 2.0 < i[1] < 20.0  # kB: a flat 64x64 JPEG is well under 2 kB, noise is several kB
+
+
+class _Options(Reward):
+    def __init__(self, **options):
+        self.options = options
+
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_reward_options_errors_name_only_the_bad_options(monkeypatch):
+    from deradiff.rewards import base
+
+    monkeypatch.setitem(base._REGISTRY, "needs_path", lambda model_path, dtype="float32": _Options(model_path=model_path))
+    monkeypatch.setitem(base._REGISTRY, "open_ended", _Options)
+    with pytest.raises(ConfigError, match=r"does not take options \['modle_path'\]; it accepts: model_path, dtype"):
+        get_reward("needs_path", model_path="/m", modle_path="/m")  # the valid option is not blamed
+    with pytest.raises(ConfigError, match=r"'needs_path' needs options \['model_path'\]"):
+        get_reward("needs_path", dtype="bfloat16")
+    assert get_reward("needs_path", model_path="/m").options == {"model_path": "/m"}
+    assert get_reward("open_ended", anything=1).options == {"anything": 1}  # **kwargs: the reward checks itself

@@ -73,3 +73,6 @@ class EvalConfig:
         for key, names in (("rewards", self.rewards), ("reward_options", list(self.reward_options))):
             for name in names:
                 check_reward_name(name, key)
+        unused = sorted(set(self.reward_options) - set(self.rewards))
+        if unused:  # options that would silently do nothing
+            raise ConfigError(f"config key 'reward_options' has options for {unused}, which 'rewards' does not list")

@@ -70,12 +70,22 @@ def get_reward(name: str, **kwargs) -> Reward:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
     factory = _REGISTRY[name]
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError:
-        accepted = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
-        raise ConfigError(f"reward {name!r} does not take options {sorted(kwargs)}; it accepts: "
-                          f"{', '.join(accepted) or 'no options'}") from None
+    _check_options(name, inspect.signature(factory), kwargs)
     reward = factory(**kwargs)
     reward.name = name
     return reward
+
+
+def _check_options(name: str, signature: inspect.Signature, kwargs: dict) -> None:
+    """A ConfigError naming the unknown options (or the missing required ones) of reward `name`."""
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return  # the reward takes any keyword: it checks its own options
+    named = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - {p.name for p in named})
+    if unknown:
+        raise ConfigError(f"reward {name!r} does not take options {unknown}; it accepts: "
+                          f"{', '.join(p.name for p in named) or 'no options'}")
+    missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        raise ConfigError(f"reward {name!r} needs options {missing} (pass them in the config's reward options)")
