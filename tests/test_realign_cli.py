@@ -63,11 +63,14 @@ def test_cli_end_to_end(tmp_path, model_and_lora, capsys, monkeypatch):
     first = np.asarray(Image.open(out / rows[0]["file"]))
     assert cli.main(args) == 2  # refuses a non-empty output_dir
     assert "overwrite=true" in capsys.readouterr().err
+    stacked_calls.clear()
     assert cli.main([*args, "overwrite=true"]) == 0
     assert np.array_equal(np.asarray(Image.open(out / rows[0]["file"])), first)  # same seed, same image
-    # 12 rows per call (6 trajectories with CFG): auto ran two calls; one stacked forward changes only rounding
+    # 12 rows per call (3 lambdas x 2 seeds, CFG). auto stacks step 0 only, where the lambdas share x_T
+    # (4 + 4 rows needed); at step 1 stacking would add 8 rows (12 + 8 needed), so two calls
+    assert len(stacked_calls) == 2  # 2 prompts x step 0
     auto = {row["file"]: np.asarray(Image.open(out / row["file"])).astype(int) for row in rows}
-    assert not stacked_calls
+    stacked_calls.clear()
     assert cli.main([*args, "overwrite=true", "branches=stacked"]) == 0
     assert len(stacked_calls) == 2 * 2  # 2 prompts x 2 steps, one stacked forward each
     for file, image in auto.items():

@@ -86,3 +86,26 @@ def test_sweep_refuses_bad_input(lora_sd_pipe):
         sweep(lora_sd_pipe, PROMPTS, SEEDS, [0.5], generator=torch.Generator())
     with pytest.raises(DeradiffError, match="at least one"):
         sweep(lora_sd_pipe, PROMPTS, [], [0.5])
+
+
+@pytest.mark.parametrize("lambdas, path", [([0.0, 1.0], "batched"), ([0.5, 2.0], "two-call")])
+def test_auto_stacks_a_sweep_only_when_it_adds_few_rows(lora_sd_pipe, lambdas, path):
+    """One seed, CFG: 4 rows per call. Lambdas 0 and 1 need 2 reference + 2 aligned rows (stacking adds none);
+    0.5 and 2 need 4 + 4 (stacking would add 4 > AUTO_STACK_ROWS)."""
+    handle = deradiff.realign(lora_sd_pipe, lam=0.5)
+    sweep(lora_sd_pipe, PROMPTS[:1], SEEDS[:1], lambdas, **KW)
+    assert handle.denoiser.last_path == path
+    handle.undo()
+
+
+def test_batch_branches_not_given_keeps_the_setting_and_none_restores_auto(lora_sd_pipe):
+    handle = deradiff.realign(lora_sd_pipe, lam=0.5)
+    assert handle.denoiser.batch_branches is None  # a new realignment starts at auto
+    deradiff.realign(lora_sd_pipe, lam=0.5, batch_branches=False)
+    deradiff.realign(lora_sd_pipe, lam=2.0)  # not given: kept
+    assert handle.denoiser.batch_branches is False
+    sweep(lora_sd_pipe, PROMPTS[:1], SEEDS[:1], [0.5], batch_branches=True, **KW)
+    assert handle.denoiser.batch_branches is False  # a sweep's override lasts for the sweep only
+    deradiff.realign(lora_sd_pipe, lam=2.0, batch_branches=None)
+    assert handle.denoiser.batch_branches is None
+    handle.undo()

@@ -21,7 +21,7 @@ from torch import nn
 
 from deradiff.errors import DeradiffError
 from deradiff.models.pipelines import LORA_METADATA_ATTR
-from deradiff.realign.denoiser import RealignedDenoiser
+from deradiff.realign.denoiser import KEEP, RealignedDenoiser
 from deradiff.realign.mixing import LambdaSpec, effective_beta
 from deradiff.realign.schedulers import (
     ApproximateSamplerWarning,
@@ -122,7 +122,7 @@ class RealignHandle:
 
 
 def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = None,
-            beta: float | None = None, batch_branches: bool | None = None) -> RealignHandle:
+            beta: float | None = None, batch_branches: bool | None = KEEP) -> RealignHandle:
     """Realign `pipe` to strength beta/lam; calling it again on the same pipe just updates lam (and beta).
 
     lam: a float >= 0, a list with one value per denoising step, or `fn(step_index, timestep) -> float`.
@@ -130,15 +130,16 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
     a peft LoRA adapter (reference = adapter off). beta: the KL strength the aligned model was trained at
     (default: from the LoRA's deradiff metadata when it was loaded with deradiff.models.load_lora).
     batch_branches: True = adapter-off and adapter-on branches in one stacked forward per step (LoRA mode),
-    False = two calls (half the activation memory), None = default: stacked for one image with CFG (2 rows),
-    two calls for larger batches (memory and measured speed; see RealignedDenoiser).
+    False = two calls (half the activation memory), None = auto: stacked for one image with CFG (2 rows),
+    two calls for larger batches (memory and measured speed; see RealignedDenoiser). Not given: auto for a
+    new realignment, the current setting when the pipe is already realigned.
     """
     handle = pipe.__dict__.get(HANDLE_ATTR)
     if handle is not None and handle.active:
         if aligned_unet is None or aligned_unet is handle.denoiser.aligned_model:
             handle.lam = lam
             handle.beta = beta if beta is not None else handle.beta
-            if batch_branches is not None:
+            if batch_branches is not KEEP:
                 handle.denoiser.batch_branches = batch_branches
             return handle
         handle.undo()
@@ -149,7 +150,7 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
         aligned_unet.to(device=model.device, dtype=model.dtype)
     handle = RealignHandle(pipe, component, model, beta if beta is not None else _metadata_beta(pipe))
     denoiser = RealignedDenoiser(model, lam, aligned_model=aligned_unet, on_step=handle._on_step,
-                                 batch_branches=batch_branches)
+                                 batch_branches=None if batch_branches is KEEP else batch_branches)
     denoiser.training = model.training
     handle._install(denoiser)
     return handle

@@ -80,17 +80,30 @@ AUTO_STACK_ROWS = 2  # batch_branches=None stacks calls of at most this many row
 BRANCH_MODES: dict[str, bool | None] = {"auto": None, "stacked": True, "two-call": False}  # config name -> batch_branches
 
 
+class _Keep:
+    """Default of `batch_branches` arguments (`realign`, `sweep`): keep the current setting; a new
+    realignment starts at None (auto)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+
 class RealignedDenoiser(nn.Module):
     """Wraps a diffusers UNet/transformer; each call returns (1-l)*pred_ref + l*pred_aligned.
 
     batch_branches: True evaluates both branches in one stacked forward wherever peft can do it exactly;
-    False always runs two sequential calls; None (default) stacks only calls of at most `AUTO_STACK_ROWS` rows
-    (one image with its CFG pair). Why: stacking doubles the activations of each forward. At SD1.5 size two
-    rows of activations are ~8% of the weights, so stacking one image stays within the 10% memory budget
+    False always runs two sequential calls; None (default) stacks only when that adds at most
+    `AUTO_STACK_ROWS` rows to the call (one image with its CFG pair; a sweep whose rows are mostly at
+    lambda 0 or 1 adds fewer). Why: stacking grows the activations of the forward. At SD1.5 size (512 px)
+    two rows of activations are ~8% of the weights, so stacking one image stays within a 10% memory budget
     (measured 1.07x of plain sampling) while saving the per-layer overhead of a second call (tiny model:
     1.64x instead of 2.05x of plain); at more rows the activations grow past that budget (8 images: an
     estimated 1.4x) and the forward is compute-bound, where two calls were as fast or faster (measured on
-    CPU; docs/benchmarks.md).
+    CPU; docs/benchmarks.md). The rule counts rows, not bytes: at larger resolutions (SDXL at 1024 px) two
+    extra rows weigh more, and `batch_branches=False` is the memory-safe choice.
     The stacked batch is mathematically the two-call rule but not always bitwise equal to it: e.g. MKL's
     sgemm uses another kernel below 4 rows (the per-sample time-embedding Linears see 2 rows with CFG, 4
     when stacked), a ~1e-7 relative rounding difference.
@@ -210,7 +223,7 @@ class RealignedDenoiser(nn.Module):
 
     def predict_both(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         """(reference output, aligned output): one stacked forward when possible, else two calls."""
-        call = self._batchable_call(args, kwargs)
+        call = self._batchable_call(args, kwargs, stacked_rows=lambda rows: 2 * rows)
         if call is not None:
             rows = range(call.rows)
             result = self._batcher.run(call, rows, rows)
@@ -229,7 +242,7 @@ class RealignedDenoiser(nn.Module):
         possible; otherwise two calls on the row subsets (or, when the call cannot be split by rows, two full
         calls from which the rows are taken).
         """
-        call = self._batchable_call(args, kwargs)
+        call = self._batchable_call(args, kwargs, stacked_rows=lambda rows: len(ref_rows) + len(aligned_rows))
         if call is not None:
             result = self._batcher.run(call, ref_rows, aligned_rows)
             if result is not None:
@@ -245,11 +258,13 @@ class RealignedDenoiser(nn.Module):
         template = aligned_out if aligned_out is not None else ref_out
         return template, _sample_or_none(ref_out), _sample_or_none(aligned_out)
 
-    def _batchable_call(self, args: tuple, kwargs: dict) -> RowCall | None:
+    def _batchable_call(self, args: tuple, kwargs: dict, stacked_rows: Callable[[int], int]) -> RowCall | None:
+        """The call bound by rows when it may run stacked; `stacked_rows(call.rows)`: rows the stacked
+        forward would have (auto stacks only when that adds at most AUTO_STACK_ROWS rows to the call's)."""
         if self.fallback_reason() is not None:
             return None
         call = bind_call(self.model, args, kwargs)
-        if call is not None and self.batch_branches is None and call.rows > AUTO_STACK_ROWS:
+        if call is not None and self.batch_branches is None and stacked_rows(call.rows) - call.rows > AUTO_STACK_ROWS:
             return None  # the default policy (see the class docstring)
         return call
 

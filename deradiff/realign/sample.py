@@ -56,8 +56,8 @@ class RealignConfig:
     overwrite: bool = option(False, "allow writing into a non-empty output_dir")
     max_batch: int = option(8, "most images (lambdas x seeds) per pipeline call; lambdas beyond it run in more calls")
     branches: Literal["auto", "stacked", "two-call"] = option(
-        "auto", "how the reference and aligned branches run per step: auto (one stacked forward for calls of "
-                "<= 2 rows, else two calls), stacked (always one forward), two-call (least activation memory)")
+        "auto", "how the reference and aligned branches run per step: auto (one stacked forward when that adds "
+                "at most 2 rows to the call, else two calls), stacked (always one forward), two-call (least memory)")
 
     def validate(self) -> None:
         from deradiff.realign.mixing import check_lambda

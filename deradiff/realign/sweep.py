@@ -24,6 +24,7 @@ import torch
 
 from deradiff.errors import DeradiffError
 from deradiff.realign.batched import replace_sample
+from deradiff.realign.denoiser import KEEP
 from deradiff.realign.mixing import LambdaSchedule, LambdaSpec, mix_predictions
 
 # Arguments sweep() builds itself from prompts/seeds; a caller passing them would silently break the layout.
@@ -145,15 +146,14 @@ class SweepResult:
 
 
 def sweep(pipe: Any, prompts: str | Sequence[str], seeds: Sequence[int], lambdas: Sequence[LambdaSpec], *,
-          max_batch: int | None = None, batch_branches: bool | None = None,
+          max_batch: int | None = None, batch_branches: bool | None = KEEP,
           generator_device: str | torch.device | None = None, **pipe_kwargs: Any) -> SweepResult:
     """Sample every (lambda, prompt, seed) with shared noise per seed, as few batched pipeline calls.
 
     pipe: a pipeline carrying a LoRA adapter, realigned or not (left as it was found). max_batch: most
     trajectories (lambda x prompt x seed) per pipeline call; lambdas are split across calls to respect it
-    (default: all in one call). batch_branches: as in `deradiff.realign` (None keeps the pipeline's setting;
-    a sweep's calls hold several rows, so the default runs one call per branch for all lambdas, True one
-    stacked call).
+    (default: all in one call). batch_branches: as in `deradiff.realign`; not given, the pipeline's setting
+    (auto unless set) is kept for the sweep.
     pipe_kwargs: passed to every pipeline call (num_inference_steps, guidance_scale, eta, output_type, ...).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -212,7 +212,7 @@ def _generator_device(pipe: Any, device: str | torch.device | None) -> torch.dev
 class _realigned:
     """The pipeline's live RealignedDenoiser for the block; realigns first (and undoes after) if needed."""
 
-    def __init__(self, pipe: Any, lam: LambdaSpec, batch_branches: bool | None):
+    def __init__(self, pipe: Any, lam: LambdaSpec, batch_branches: Any):
         self.pipe, self.lam, self.batch_branches = pipe, lam, batch_branches
 
     def __enter__(self) -> Any:
@@ -224,7 +224,7 @@ class _realigned:
             handle = realign(self.pipe, lam=self.lam)
         self.handle, self.denoiser = handle, handle.denoiser
         self.previous = self.denoiser.batch_branches
-        if self.batch_branches is not None:
+        if self.batch_branches is not KEEP:
             self.denoiser.batch_branches = self.batch_branches
         return self.denoiser
 
