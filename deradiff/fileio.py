@@ -29,6 +29,33 @@ def write_error(exc: OSError, path: str | os.PathLike) -> Exception:
     return exc
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by a set-and-restore."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def match_umask(path: str | os.PathLike) -> None:
+    """Give a file (or every file directly in a folder) the mode a plain `open()` gives under the umask.
+
+    Why: safetensors creates its files 0600, which would hide a finished LoRA, a shared latent cache or eval
+    samples from teammates on a shared cluster; everything else deradiff writes follows the umask.
+    """
+    mode = 0o666 & ~_umask()
+    path = Path(path)
+    for file in (path.iterdir() if path.is_dir() else [path]):
+        if file.is_file():
+            file.chmod(mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path` (same suffix, so PIL/pyarrow pick the format); rename it over `path`
@@ -38,6 +65,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
     try:
         yield tmp
+        if tmp.exists():
+            match_umask(tmp)
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

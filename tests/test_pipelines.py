@@ -89,7 +89,8 @@ def test_lora_loaded_pipeline_matches_original_lora(saved, lora_sd_pipe):
 
 def test_saved_lora_is_readable_like_any_file_the_user_writes(tmp_path, lora_sd_pipe):
     """The LoRA folder and its files follow the umask (not mkdtemp's 0700 or the safetensors writer's 0600),
-    so teammates on a shared cluster can load a finished adapter."""
+    so teammates on a shared cluster can load a finished adapter. (Every `atomic_path` write and the latent
+    cache's shards go through the same `match_umask`.)"""
     import os
     import stat
 
@@ -106,3 +107,24 @@ def test_saved_lora_is_readable_like_any_file_the_user_writes(tmp_path, lora_sd_
     assert mode(out) == mode(tmp_path / "plain") == 0o755
     assert {f.name: mode(f) for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
     assert sorted(f.name for f in out.iterdir()) == ["deradiff_metadata.json", "pytorch_lora_weights.safetensors"]
+
+
+def test_atomic_writes_and_cache_shards_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from deradiff.data.cache import _write_shard
+    from deradiff.fileio import atomic_path
+
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "samples.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        name = _write_shard(tmp_path, 0, [{"latents": torch.zeros(1, 4)}])
+    finally:
+        os.umask(old)
+    for file in (tmp_path / "samples.safetensors", tmp_path / name):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o640, file

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from deradiff.data.pickapic import decode_image
+from deradiff.fileio import match_umask
 
 INDEX = "index.json"
 
@@ -169,4 +170,5 @@ def build_cache(dataset: Any, encoder: Encoder, folder: str | os.PathLike, batch
 def _write_shard(folder: Path, i: int, parts: list[dict[str, torch.Tensor]]) -> str:
     name = f"shard-{i:05d}.safetensors"
     save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}, str(folder / name))
+    match_umask(folder / name)  # a cache next to shared data is read by teammates too
     return name

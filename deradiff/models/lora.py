@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,6 +23,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from deradiff.fileio import match_umask
 from deradiff.models.pipelines import LORA_METADATA, LORA_WEIGHTS
 
 LORA_WEIGHTS_NAME = LORA_WEIGHTS
@@ -132,24 +132,12 @@ def save_lora(
             "pipeline_class": pipeline_cls.__name__,
         }
         (tmp / METADATA_NAME).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-        _match_umask(tmp)
+        match_umask(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _match_umask(folder: Path) -> None:
-    """Give every file in `folder` the mode a plain `open()` gives under the current umask (the safetensors
-    writer creates its files 0600, which would hide a LoRA from teammates on a shared cluster)."""
-    probe = folder / ".mode-probe"
-    probe.touch()
-    mode = stat.S_IMODE(probe.stat().st_mode)
-    probe.unlink()
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(mode)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
