@@ -17,7 +17,9 @@ over `--rounds` rounds and the median is kept, because the machine may be shared
                           one UNet in memory instead of two)
   deradiff trainer        the real `deradiff train dpo` loop (`run_dpo`, cache on), whole-run rate
   deradiff trainer, no cache   the same with `data.cache_latents=false`
-(The trainer rows need the model as a folder: tiny models only. Its step is the ladder's last row.)
+(The trainer rows run on CPU for the tiny models only: the trainer loads its model from a folder and picks
+its own device; the sd15 model is built in memory. Their rate includes the first step. The trainer's step
+is the ladder's last row.)
 
 All ladder rows train the same LoRA (one policy UNet, one optimizer): throughput does not depend on the
 weights' values, and sharing keeps an SD1.5-sized run to two UNets in memory. Gains are printed as ratios of
@@ -173,13 +175,19 @@ def ladder(bench: Bench, steps: int, rounds: int) -> dict[str, tuple[float, int]
     return {name: (statistics.median(rates[name]), built[name][1]) for name in built}
 
 
-def trainer_rate(base: str, data: str, args: argparse.Namespace, steps: int, out: Path, cache: bool) -> float:
+MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # --dtype -> train.mixed_precision
+
+
+def trainer_rate(base: str, data: str, args: argparse.Namespace, resolution: int, steps: int, out: Path,
+                 cache: bool) -> float:
+    """Pairs/s of a whole `run_dpo` run (its rate includes the first step, which the ladder warms up)."""
     from deradiff.config import load_config
     from deradiff.training.dpo import DPOConfig, run_dpo
     from deradiff.training.tracking import RecordingTracker
 
     overrides = [f"output_dir={out}", f"data.source={data}", f"model.pretrained={base}", "tracker.backend=none",
-                 f"train.max_steps={steps}", f"train.micro_batch_size={args.pairs}",
+                 f"train.max_steps={steps}", f"train.micro_batch_size={args.pairs}", f"model.resolution={resolution}",
+                 f"train.mixed_precision={MIXED_PRECISION[args.dtype]}",
                  f"data.cache_latents={str(cache).lower()}", f"data.cache_dir={out.parent / 'trainer-cache'}"]
     return run_dpo(load_config(DPOConfig, None, overrides), tracker=RecordingTracker())["pairs_per_s"]
 
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, int]]:
         if base is not None and args.device == "cpu":
             trainer_steps = 1 + args.steps * args.rounds
             for name, cache in zip(TRAINER_ROWS, (True, False)):
-                rows[name] = (trainer_rate(base, data, args, trainer_steps, tmp / f"run-{cache}", cache), 0)
+                rows[name] = (trainer_rate(base, data, args, resolution, trainer_steps, tmp / f"run-{cache}", cache), 0)
     print(f"model: {args.model} at {resolution} px, {args.pairs} pairs per step, {args.device} {args.dtype}, "
           f"torch {torch.__version__}, {args.threads} CPU thread(s)")
     print(report(rows, cache_build_s))

@@ -32,6 +32,4 @@ def test_dpo_throughput_reports_the_ladder_and_the_trainer(capsys):
     assert list(rows) == ["plain", "+ cache", "+ cache + fused", "+ cache + fused + same-UNet ref",
                           "deradiff trainer", "deradiff trainer, no cache"]
     assert all(math.isfinite(rate) and rate > 0 for rate, _ in rows.values())
-    held = {name: held for name, (_, held) in rows.items()}
-    assert held["+ cache + fused + same-UNet ref"] < held["+ cache + fused"]  # one UNet copy instead of two
     assert "one-off cache build" in capsys.readouterr().out

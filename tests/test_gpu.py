@@ -1,16 +1,19 @@
 """CUDA checks, deselected by default (`-m gpu` runs them; benchmarks/gpu_check.sh does on a GPU machine).
 
 The CPU suite proves the math; these prove the same code paths hold on a GPU in half precision: the stacked
-realigned forward agrees with the two-call one, and a DPO run in bf16 trains and saves a loadable LoRA.
+realigned forward agrees with the two-call one, and a DPO run in bf16 trains and saves a LoRA that the
+stock pipeline loads.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import deradiff
 from deradiff.config import load_config
+from deradiff.models.pipelines import load_lora, load_pipeline
 from deradiff.testing import save_tiny_base, write_pairs
 from deradiff.training.dpo import DPOConfig, run_dpo
 from deradiff.training.tracking import RecordingTracker
@@ -45,4 +48,12 @@ def test_dpo_trains_in_bf16_on_cuda(tmp_path):
     summary = run_dpo(cfg, tracker=tracker)
     assert summary["steps_run"] == 3
     assert all(torch.isfinite(torch.tensor(loss)) for loss in tracker.series("loss"))
-    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # trained: LoRA B starts at zero (gaussian init), so a non-zero B means the updates reached the file
+    weights = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+    # loadable: the stock pipeline takes it and its UNet output changes
+    pipe = load_pipeline(base, device="cuda")
+    x, text = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 16, pipe.unet.config.cross_attention_dim, device="cuda")
+    before = pipe.unet(x, 500, text).sample
+    load_lora(pipe, str(tmp_path / "run" / "lora"))
+    assert not torch.allclose(pipe.unet(x, 500, text).sample, before)
