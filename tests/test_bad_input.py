@@ -88,7 +88,7 @@ TRAIN_CASES = [
     ("data-all-ties", lambda w, t: ([f"data.source={w['ties']}"], [str(w["ties"]), "no usable", "4 ties dropped"])),
     ("data-zero-usable", lambda w, t: ([f"data.source={w['corrupt_all']}"],
                                        [str(w["corrupt_all"]), "no usable", "4 undecodable"])),
-    ("unknown-reward", lambda w, t: (["data.generate.reward=pickscore_v9"], ["'pickscore_v9'", "known rewards"])),
+    ("unknown-reward", lambda w, t: (["data.generate.reward=pickscore_v9"], ["'data.generate.reward'", "'pickscore_v9'", "known rewards"])),
     ("bad-reward-option", lambda w, t: (["data.generate_if_missing=true", f"data.source={t / 'gen.parquet'}",
                                          "data.generate.reward_options={temperature: 2}"],
                                         ["'vividness'", "does not take options", "temperature"])),

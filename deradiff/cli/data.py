@@ -23,6 +23,9 @@ class PrefsConfig:
     base_model: str = option("tiny", "model that samples the pairs: 'tiny' or a diffusers folder")
     generate: PrefsSection = option(factory=PrefsSection, help="sampling and labelling")
 
+    def validate(self) -> None:
+        self.generate.check_reward("generate.reward")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="preference data tools")

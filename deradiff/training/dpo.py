@@ -31,11 +31,12 @@ class PrefsSection:
     guidance_scale: float = option(3.0, "classifier-free guidance for the pair images")
     seed: int = option(0, "seed for sampling and labelling")
 
-    def validate(self) -> None:
-        """An unknown reward name fails at config load, not after the model has sampled every pair."""
+    def check_reward(self, key: str) -> None:
+        """An unknown reward name fails at config load, not after the model has sampled every pair; `key` is
+        where this section sits in the user's config (the section does not know its own path)."""
         from deradiff.rewards import check_reward_name
 
-        check_reward_name(self.reward, "generate.reward")
+        check_reward_name(self.reward, key)
 
 
 @dataclass
@@ -50,6 +51,9 @@ class DataSection:
     encode_batch_size: int = option(16, "rows per VAE/text-encoder batch while caching")
     generate: PrefsSection = option(factory=PrefsSection, help="tiny-world generation if `source` is missing")
     generate_if_missing: bool = option(False, "generate `source` with the tiny-world recipe when it does not exist")
+
+    def validate(self) -> None:
+        self.generate.check_reward("data.generate.reward")
 
 
 @dataclass
