@@ -166,3 +166,26 @@ def test_two_processes_split_sampling_and_gather_the_same_results(finished, lora
         assert (a["name"], a["prompt"], a["seed"]) == (b["name"], b["prompt"], b["seed"])
         assert b["reward_brightness"] == pytest.approx(a["reward_brightness"], abs=1e-5)
         assert b["path_kl"] == pytest.approx(a["path_kl"], rel=1e-4, abs=1e-6)
+
+
+def test_stacked_branches_give_the_samples_of_the_default(finished, loras, tmp_path, monkeypatch):
+    """sampling.branches=stacked runs realigned models in one forward per step (auto ran two calls: 6 rows per
+    call without CFG); the saved samples agree up to float rounding."""
+    from deradiff.realign.batched import BranchBatcher
+
+    out, _, _ = finished
+    stacked_calls: list[int] = []
+    original_run = BranchBatcher.run
+    monkeypatch.setattr(BranchBatcher, "run", lambda self, *a: stacked_calls.append(1) or original_run(self, *a))
+    cfg = _config(tmp_path / "stacked", loras, "sampling.branches=stacked", "weight_scaled=false")
+    run_eval(cfg, rewards={"brightness": brightness}, features=pixel_features,
+             tracker_factory=lambda section, output_dir, name: RecordingTracker())
+    assert len(stacked_calls) == 3 * cfg.sampling.steps  # 3 realigned lambdas, one batch of 6 images each
+    auto, stacked = load_file(str(out / "samples.safetensors")), load_file(str(tmp_path / "stacked" / "samples.safetensors"))
+    realigned = [key for key in stacked if key.startswith("realigned")]
+    assert len(realigned) == 6
+    for key in realigned:
+        if key.endswith("/images"):
+            assert (stacked[key].int() - auto[key].int()).abs().max() <= 1, key
+        else:
+            torch.testing.assert_close(stacked[key], auto[key], rtol=1e-4, atol=1e-4)

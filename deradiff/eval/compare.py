@@ -78,7 +78,8 @@ def feature_fn(kind: str) -> FeatureFn | None:
 
 def settings_of(cfg: EvalConfig) -> SampleSettings:
     s = cfg.sampling
-    return SampleSettings(steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale, height=s.height, width=s.width)
+    return SampleSettings(steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale, height=s.height, width=s.width,
+                          branches=s.branches)
 
 
 def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict[str, RewardFn] | None = None,

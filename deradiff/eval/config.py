@@ -21,6 +21,9 @@ class SamplingSection:
     height: int | None = option(None, "image height in pixels (null: the model's native size)")
     width: int | None = option(None, "image width in pixels (null: the model's native size)")
     batch_size: int = option(16, "images per UNet batch")
+    branches: Literal["auto", "stacked", "two-call"] = option(
+        "auto", "realigned models: reference and aligned branches in one stacked forward per step (stacked), "
+                "two calls (two-call, least memory), or stacked only when that adds at most 2 rows (auto)")
 
     def validate(self) -> None:
         if self.eta <= 0:

@@ -47,7 +47,7 @@ def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: S
     images, kls, seconds = [], [], 0.0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        with model_call(pipe, variant) as (model, base):
+        with model_call(pipe, variant, settings.branches) as (model, base):
             timed = TimedCall(model)
             out = sample(pipe, timed, base, [p for p, _ in chunk], [s for _, s in chunk], settings)
         images.append(out.images)

@@ -30,6 +30,7 @@ class SampleSettings:
     guidance_scale: float = 1.0
     height: int | None = None
     width: int | None = None
+    branches: str = "auto"  # realigned models only: a key of deradiff.realign.denoiser.BRANCH_MODES
 
 
 @dataclass

@@ -86,8 +86,9 @@ def base_call(unet: Any) -> UnetCall:
 
 
 @contextlib.contextmanager
-def model_call(pipe: Any, variant: Variant) -> Iterator[tuple[UnetCall, UnetCall | None]]:
-    """(model call, base call or None for the base itself) for `variant` on a pipeline carrying its LoRA."""
+def model_call(pipe: Any, variant: Variant, branches: str = "auto") -> Iterator[tuple[UnetCall, UnetCall | None]]:
+    """(model call, base call or None for the base itself) for `variant` on a pipeline carrying its LoRA.
+    `branches`: how a realigned model runs its two branches (a key of `BRANCH_MODES`)."""
     unet = pipe.unet
     if variant.kind == "base":
         yield base_call(unet), None
@@ -97,8 +98,9 @@ def model_call(pipe: Any, variant: Variant) -> Iterator[tuple[UnetCall, UnetCall
         yield unet_call(unet, lora_scale=variant.lam), base_call(unet)
     elif variant.kind == "realigned":
         from deradiff.realign.api import realign, unrealign
+        from deradiff.realign.denoiser import BRANCH_MODES
 
-        realign(pipe, lam=variant.lam, beta=variant.beta)
+        realign(pipe, lam=variant.lam, beta=variant.beta, batch_branches=BRANCH_MODES[branches])
         try:
             yield unet_call(pipe.unet), base_call(unet)
         finally:
