@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -84,3 +85,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a result folder by renaming it to a hidden name first: a kill mid-delete never leaves a
+    half-deleted folder under a name that still looks complete (a checkpoint `latest` would pick, a LoRA)."""
+    doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` to `dst`; an existing `dst` is renamed away first and deleted after,
+    so `dst` only ever names a complete folder (with a moment where it names none)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

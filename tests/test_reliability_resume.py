@@ -154,6 +154,7 @@ def test_interrupted_prune_never_leaves_a_broken_latest(tmp_path, monkeypatch):
     the folder must already be out of the `step-N` namespace, so `latest` still resolves to a whole checkpoint."""
     import shutil
 
+    from deradiff.fileio import remove_dir
     from deradiff.training import checkpoint as ck
 
     for step in (1, 2, 3):
@@ -173,7 +174,7 @@ def test_interrupted_prune_never_leaves_a_broken_latest(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ck._prune(tmp_path, keep=1)
     with pytest.raises(KeyboardInterrupt):
-        ck._remove_dir(ck.checkpoint_dir(tmp_path, 3))
+        remove_dir(ck.checkpoint_dir(tmp_path, 3))
     monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
     for checkpoint in list_checkpoints(tmp_path):
         assert (checkpoint / "model.safetensors").is_file(), f"{checkpoint} listed but its weights are gone"

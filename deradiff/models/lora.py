@@ -23,11 +23,9 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from deradiff.fileio import match_umask
-from deradiff.models.pipelines import LORA_METADATA, LORA_WEIGHTS
+from deradiff.fileio import match_umask, replace_dir
+from deradiff.models.pipelines import LORA_METADATA
 
-LORA_WEIGHTS_NAME = LORA_WEIGHTS
-METADATA_NAME = LORA_METADATA
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -131,21 +129,10 @@ def save_lora(
             "lora_target_modules": sorted(peft_config.target_modules),
             "pipeline_class": pipeline_cls.__name__,
         }
-        (tmp / METADATA_NAME).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        (tmp / LORA_METADATA).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
         match_umask(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing an existing `dst` with only a moment where neither name exists."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 
 from deradiff.errors import DeradiffError
+from deradiff.fileio import remove_dir, replace_dir
 
 CHECKPOINTS = "checkpoints"
 FINAL_LORA = "lora"  # the trained adapter, output_dir/lora
@@ -75,9 +76,7 @@ def save_checkpoint(
         if write_extra is not None:
             write_extra(tmp)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
-        if final.exists():
-            _remove_dir(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         _prune(output_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -114,7 +113,7 @@ def check_fresh_start(output_dir: str | os.PathLike, overwrite: bool, remove: bo
             "continue it, train.overwrite=true to start over, or another output_dir"
         )
     for path in previous if remove else []:
-        _remove_dir(path)
+        remove_dir(path)
 
 
 def _refuse_pickled_weights(path: Path) -> None:
@@ -131,13 +130,4 @@ def _prune(output_dir: str | os.PathLike, keep: int) -> None:
     if keep <= 0:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
-        _remove_dir(old)
-
-
-def _remove_dir(path: Path) -> None:
-    """Rename out of the `step-N` namespace first, then delete: a kill mid-delete never leaves a half-deleted
-    folder that still looks like a complete checkpoint to `latest`."""
-    doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+        remove_dir(old)
