@@ -59,16 +59,16 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def check_reward_name(name: str, key: str) -> None:
-    """ConfigError naming config key `key` unless `name` is a registered reward (checked at config load)."""
+def check_reward_name(name: str, key: str | None = None) -> None:
+    """ConfigError unless `name` is a registered reward; `key`: the config key that named it (config load)."""
     if name not in _REGISTRY:
-        raise ConfigError(f"config key {key!r} names unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
+        where = f"config key {key!r} names unknown reward" if key else "unknown reward"
+        raise ConfigError(f"{where} {name!r}; known rewards: {', '.join(available_rewards())}")
 
 
 def get_reward(name: str, **kwargs) -> Reward:
     """Build the reward registered as `name`; an unknown name or option is a ConfigError listing the valid ones."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
+    check_reward_name(name)
     factory = _REGISTRY[name]
     _check_options(name, inspect.signature(factory), kwargs)
     reward = factory(**kwargs)
