@@ -19,7 +19,7 @@ from deradiff.training.config import OptimSection, TrackerSection, TrainSection
 from deradiff.training.determinism import global_micro_batch, rank_micro_batch, step_generator
 from deradiff.training.lock import LOCK_NAME, OutputDirLock
 from deradiff.training.tracking import RecordingTracker
-from deradiff.training.trainer import NonFiniteLossError, Trainer
+from deradiff.training.trainer import NonFiniteLossError, Trainer, read_history
 
 
 def _setup(tmp_path, max_steps=4, checkpoint_every=0, resume_from=None, tracker=None):
@@ -93,6 +93,10 @@ def test_run_logs_saves_and_resumes_exactly(tmp_path):
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0)
+    # the curves of the interrupted and the resumed part join into those of the uninterrupted run
+    history = [read_history(d, 4) for d in (tmp_path / "full", out)]
+    assert [h["step"] for h in history[1]] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history[1]] == pytest.approx([h["loss"] for h in history[0]], rel=1e-6)
 
 
 def test_adapter_disabled_is_the_base_model(tmp_path):

@@ -98,6 +98,18 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], optim: OptimSection, lr
     )
 
 
+HISTORY = "history.jsonl"
+
+
+def read_history(output_dir: Path, upto: int) -> list[dict[str, float]]:
+    """The logged metrics of an earlier run up to step `upto` (a resumed run continues its curves)."""
+    path = Path(output_dir) / HISTORY
+    if upto == 0 or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto]
+
+
 class Trainer:
     """Owns the accelerator, optimizer, tracker and the step loop; see the module docstring."""
 
@@ -224,6 +236,7 @@ class Trainer:
         self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process)
         start = self._resume()
         self._announce(start)
+        self.history = read_history(self.output_dir, start)
         t0, last, step = time.perf_counter(), {}, start
         # closed on errors too, so an error line never lands on the unfinished progress-bar line
         with tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train") as progress:
@@ -233,13 +246,21 @@ class Trainer:
                 progress.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
                     self.tracker.log_scalars(last, step=step + 1)
+                    self.history.append({"step": step + 1, **last})
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                    self._write_history()  # first: a checkpoint never lacks the curves up to its step
                     self.checkpoint(step + 1, metadata)
         elapsed = time.perf_counter() - t0
         if cfg.checkpoint_every:
             self.checkpoint(cfg.max_steps, metadata)
         lora_dir = self.save_final(metadata)
+        self._write_history()
         return self._summarize(start, elapsed, last, lora_dir)
+
+    def _write_history(self) -> None:
+        """Every logged step's metrics as JSON lines (the study's plateau check reads the curves from here)."""
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.output_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def _resume(self) -> int:
         path = resolve_resume(self.output_dir, self.train_cfg.resume_from)
