@@ -184,6 +184,21 @@ def save_tiny_base(folder: Path, sdxl: bool = False) -> str:
     return str(folder)
 
 
+def save_random_lora(out_dir: Path, metadata: dict, scale: float = 1.0, rank: int = 4) -> str:
+    """A rank-`rank` LoRA on the tiny SD UNet with fixed random B (times `scale`): LoRAs 'trained' at other betas
+    are the same direction scaled, so weight scaling reproduces them exactly."""
+    from deradiff.models.lora import attach_lora, save_lora
+
+    pipe = tiny_sd_pipeline(seed=0)
+    attach_lora(pipe.unet, rank=rank)
+    gen = torch.Generator().manual_seed(7)
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.5 * scale
+    save_lora(pipe.unet, out_dir, metadata)
+    return str(out_dir)
+
+
 def synthetic_pairs(n: int, size: int = 16, seed: int = 0, ties: int = 0, corrupt: int = 0) -> dict[str, list]:
     """Pairs where image 0 (bright) is preferred in even rows and image 1 in odd rows."""
     g = torch.Generator().manual_seed(seed)

@@ -21,8 +21,7 @@ from deradiff.eval.compare import run_eval
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.plan import default_lambdas
 from deradiff.eval.scoring import pixel_features
-from deradiff.models.lora import attach_lora, save_lora
-from deradiff.testing import tiny_sd_pipeline
+from deradiff.testing import save_random_lora, tiny_sd_pipeline
 from deradiff.training.tracking import RecordingTracker
 
 BETA0 = 1.0
@@ -33,14 +32,7 @@ def brightness(images: torch.Tensor, prompts) -> torch.Tensor:
 
 
 def _lora(base_dir, out_dir, beta: float, scale: float) -> str:
-    pipe = tiny_sd_pipeline(seed=0)
-    attach_lora(pipe.unet, rank=4)
-    gen = torch.Generator().manual_seed(7)
-    for name, param in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * 0.5 * scale
-    save_lora(pipe.unet, out_dir, {"base_model": str(base_dir), "method": "dpo", "beta": beta})
-    return str(out_dir)
+    return save_random_lora(out_dir, {"base_model": str(base_dir), "method": "dpo", "beta": beta}, scale)
 
 
 @pytest.fixture(scope="module")

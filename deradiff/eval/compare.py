@@ -15,7 +15,7 @@ import torch
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.fileio import atomic_path
-from deradiff.eval import report
+from deradiff.eval import report, validation
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
 from deradiff.eval.plan import plan
@@ -66,6 +66,12 @@ def reward_fns(names: Sequence[str], options: dict[str, dict] | None = None) -> 
     return {name: get_reward(name, **options.get(name, {})) for name in names}
 
 
+def scored_rewards(cfg: EvalConfig, oracle: validation.OraclePlan) -> list[str]:
+    """The configured rewards, plus the oracle's tilting reward (the anchor's training reward) when missing."""
+    extra = [oracle.reward] if oracle.reward is not None and oracle.reward not in cfg.rewards else []
+    return [*cfg.rewards, *extra]
+
+
 def feature_fn(kind: str) -> FeatureFn | None:
     if kind == "none":
         return None
@@ -102,14 +108,24 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
     base_model = cfg.base_model or anchor.base_model
     if not base_model:
         raise DeradiffError("no base model: set base_model, or train the anchor with deradiff (metadata base_model)")
+    oracle = validation.oracle_plan(cfg, anchor)
     # Rewards and features are built before sampling so missing weights fail in seconds, not after it.
-    rewards = reward_fns(cfg.rewards, cfg.reward_options) if rewards is None else rewards
+    rewards = reward_fns(scored_rewards(cfg, oracle), cfg.reward_options) if rewards is None else rewards
+    if oracle.reward is not None and oracle.reward not in rewards:
+        raise DeradiffError(f"the oracle tilts by the anchor's reward '{oracle.reward}', which is not among the scored rewards")
     features = feature_fn(cfg.kid_features) if features == "config" else features
-    jobs = make_jobs(eval_prompts(cfg), cfg.seeds)
-    samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, resolve_device(cfg.device))
+    prompts, device = eval_prompts(cfg), resolve_device(cfg.device)
+    jobs = make_jobs(prompts, cfg.seeds)
+    samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, device)
+    oracle_images, oracle_meta = None, validation.describe(oracle, cfg.oracle)
+    if oracle.reason is None:
+        oracle_images, cache, cached = validation.oracle_samples(variants[0], base_model, prompts, settings_of(cfg), cfg.oracle,
+                                                                 cfg.sampling.batch_size, loader, device)
+        oracle_meta = validation.describe(oracle, cfg.oracle, cache, cached)
     if not process_state().is_main_process:
         return None
     results = build_results(cfg, anchor, base_model, variants, samples, jobs, rewards, features)
+    validation.run_validation(cfg, oracle, variants, samples, jobs, prompts, rewards, results, oracle_images, oracle_meta)
     path = write_outputs(out, cfg, variants, samples, jobs, results)
     log_eval(cfg, variants, samples, jobs, results, out, tracker_factory)
     return EvalResult(report=path, results=results, seconds=time.perf_counter() - start)

@@ -33,6 +33,42 @@ class SamplingSection:
 
 
 @dataclass
+class OracleSection:
+    """The exact optimum p_ref * exp(r / beta) at every evaluated strength, by importance-weighting base samples
+    drawn with the training sampler (only for LoRAs whose beta is in reward units, e.g. ddpo)."""
+
+    enabled: Literal["auto", "on", "off"] = option(
+        "auto", "auto: show it where it applies and say why not elsewhere; on: fail before sampling if it cannot apply")
+    samples_per_prompt: int = option(256, "base samples per prompt (the estimate's effective sample size is at most this)")
+    min_ess: float = option(20.0, "oracle rows whose worst prompt's effective sample size is below this are "
+                                  "reported as unreliable and left out of the verdict")
+    seed_offset: int = option(1_000_000, "base-sample seeds are seed_offset + i (kept apart from the eval seeds)")
+    cache_dir: str | None = option(None, "where base samples are cached and reused across runs "
+                                         "(null: $XDG_CACHE_HOME/deradiff/oracle or ~/.cache/deradiff/oracle)")
+
+    def validate(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"config key 'oracle.samples_per_prompt' must be >= 2, got {self.samples_per_prompt}")
+        if self.min_ess < 1:
+            raise ConfigError(f"config key 'oracle.min_ess' must be >= 1, got {self.min_ess}")
+
+
+@dataclass
+class BootstrapSection:
+    """Percentile intervals from a paired bootstrap over prompts and seeds (the oracle's base samples too)."""
+
+    replicates: int = option(1000, "bootstrap resamples (0: point estimates only, no intervals and no verdict)")
+    confidence: float = option(0.95, "interval coverage")
+    seed: int = option(0, "resampling seed: the same seed gives the same intervals")
+
+    def validate(self) -> None:
+        if self.replicates < 0 or 0 < self.replicates < 10:
+            raise ConfigError(f"config key 'bootstrap.replicates' must be 0 or >= 10, got {self.replicates}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"config key 'bootstrap.confidence' must be in (0, 1), got {self.confidence}")
+
+
+@dataclass
 class EvalConfig:
     """Realigned vs retrained: does the anchor LoRA realigned to lambda look like a LoRA retrained at beta0/lambda?"""
 
@@ -59,6 +95,8 @@ class EvalConfig:
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     group: str | None = option(None, "W&B group (one per study); null: the output folder name")
     overwrite: bool = option(False, "replace existing results in output_dir instead of refusing")
+    oracle: OracleSection = option(factory=OracleSection, help="the exact optimum as ground truth (reward-unit betas)")
+    bootstrap: BootstrapSection = option(factory=BootstrapSection, help="uncertainty of every reported number")
     tracker: TrackerSection = option(factory=TrackerSection, help="experiment tracking (one W&B run per evaluated model)")
 
     def validate(self) -> None:

@@ -42,8 +42,9 @@ def load_lora_pipeline(base_model: str, lora_dir: str, device: str) -> Any:
     return pipe
 
 
-def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: SampleSettings, batch_size: int) -> VariantSamples:
-    """Sample `jobs` with one variant in batches; only the model's own UNet calls are timed."""
+def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
+                   on_batch: Callable[[int], Any] = lambda n: None) -> VariantSamples:
+    """Sample `jobs` with one variant in batches (`on_batch(images)` after each); only the model's own UNet calls are timed."""
     images, kls, seconds = [], [], 0.0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -53,6 +54,7 @@ def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: S
         images.append(out.images)
         kls.append(out.path_kl)
         seconds += timed.seconds
+        on_batch(len(chunk))
     if not images:
         return VariantSamples(torch.zeros(0), torch.zeros(0), 0.0)
     return VariantSamples(torch.cat(images), torch.cat(kls), seconds)
@@ -67,18 +69,17 @@ def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings) -> None:
 
 def sample_all(
     variants: Sequence[Variant], base_model: str, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
-    loader: Loader, device: str, show_progress: bool = True,
+    loader: Loader, device: str, show_progress: bool = True, desc: str = "eval sampling",
 ) -> dict[str, VariantSamples]:
     """Sample every variant on `jobs`, loading each LoRA's pipeline once (variants grouped by LoRA)."""
     results: dict[str, VariantSamples] = {}
-    bar = tqdm(total=len(variants), desc="eval sampling", unit="model", disable=not show_progress)
+    bar = tqdm(total=len(variants) * len(jobs), desc=desc, unit="image", disable=not show_progress)
     for lora, group in itertools.groupby(variants, key=lambda v: v.lora):
         pipe = loader(base_model, lora, device)
         warm_up(pipe, jobs, settings)
         for variant in group:
             bar.set_postfix_str(variant.name)
-            results[variant.name] = sample_variant(pipe, variant, jobs, settings, batch_size)
-            bar.update()
+            results[variant.name] = sample_variant(pipe, variant, jobs, settings, batch_size, bar.update)
         del pipe
     bar.close()
     return results
@@ -95,17 +96,17 @@ def process_state() -> Any:
 
 def sample_distributed(
     variants: Sequence[Variant], base_model: str, jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
-    loader: Loader, device: str,
+    loader: Loader, device: str, desc: str = "eval sampling",
 ) -> dict[str, VariantSamples] | None:
     """Split jobs across accelerate processes, gather on main (None elsewhere); one process: plain call."""
     from accelerate.utils import gather_object
 
     state = process_state()
     if state.num_processes == 1:
-        return sample_all(variants, base_model, jobs, settings, batch_size, loader, device)
+        return sample_all(variants, base_model, jobs, settings, batch_size, loader, device, desc=desc)
     with state.split_between_processes(list(jobs)) as mine:
         local = sample_all(variants, base_model, mine, settings, batch_size, loader, str(state.device) if device == "auto" else device,
-                           show_progress=state.is_main_process)
+                           show_progress=state.is_main_process, desc=desc)
     gathered = gather_object([local])
     return merge(gathered, [v.name for v in variants]) if state.is_main_process else None
 

@@ -55,14 +55,29 @@ def kid(features_x: torch.Tensor, features_y: torch.Tensor, degree: int = 3, coe
     return float(term_x + term_y - 2.0 * cross)
 
 
+def pairwise_distances(images: torch.Tensor) -> torch.Tensor:
+    """RMS pixel distance between every pair of a set [N, N] (float64)."""
+    flat = images.double().flatten(1)
+    return torch.cdist(flat, flat) / math.sqrt(flat.shape[1])
+
+
+def weighted_pairwise_mean(distances: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """sum_{i != j} w_i w_j d_ij / sum_{i != j} w_i w_j: the mean distance between two distinct draws.
+
+    Weights are importance weights (the oracle) or resample counts (the bootstrap; a sample drawn twice is
+    not a pair with itself); None weighs every sample once. NaN with fewer than two weighted samples.
+    """
+    w = torch.ones(len(distances), dtype=torch.float64) if weights is None else weights.double()
+    d = distances.double()
+    pair_weight = w.sum() ** 2 - (w * w).sum()
+    if pair_weight <= 0:
+        return float("nan")
+    return float((w @ d @ w - (w * w * d.diagonal()).sum()) / pair_weight)
+
+
 def mean_pairwise_distance(images: torch.Tensor) -> float:
     """Mean RMS pixel distance over all pairs of a set: 0 when every seed gives the same image."""
-    n = images.shape[0]
-    if n < 2:
-        return float("nan")
-    flat = images.double().flatten(1)
-    dist = torch.cdist(flat, flat) / math.sqrt(flat.shape[1])
-    return float(dist.sum() / (n * (n - 1)))
+    return weighted_pairwise_mean(pairwise_distances(images)) if images.shape[0] > 1 else float("nan")
 
 
 def within_prompt_diversity(images: torch.Tensor, prompts: Sequence[str]) -> float:

@@ -22,6 +22,9 @@ class LoraInfo:
     beta: float
     method: str
     base_model: str | None
+    beta_units: str | None = None  # 'reward': the objective is E[r] - beta * KL (an oracle exists)
+    reward: str | None = None
+    sampler: dict[str, float] | None = None  # the training sampler: num_steps, eta, guidance_scale
 
 
 def read_lora(path: str) -> LoraInfo:
@@ -29,8 +32,11 @@ def read_lora(path: str) -> LoraInfo:
     meta = read_lora_metadata(path)
     if meta is None or meta.get("beta") is None:
         raise DeradiffError(f"LoRA '{path}' has no deradiff metadata with a beta; eval needs each LoRA's KL strength")
-    return LoraInfo(path=str(path), beta=float(meta["beta"]), method=str(meta.get("method", "unknown")),
-                    base_model=meta.get("base_model"))
+    method = str(meta.get("method", "unknown"))
+    # LoRAs from before beta_units was recorded: DDPO's beta always was in reward units.
+    units = meta.get("beta_units") or ("reward" if method == "ddpo" else None)
+    return LoraInfo(path=str(path), beta=float(meta["beta"]), method=method, base_model=meta.get("base_model"),
+                    beta_units=units, reward=meta.get("reward"), sampler=meta.get("sampler"))
 
 
 def default_lambdas(beta0: float, betas: Sequence[float], extra: Sequence[float]) -> list[float]:

@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from deradiff.eval.generate import Job, VariantSamples  # noqa: E402
 from deradiff.fileio import atomic_path, write_text_atomic  # noqa: E402
 
-CURVES = (("retrained", "o-", "retrained"), ("realigned", "s--", "DeRaDiff realigned"), ("weight_scaled", "^:", "weight-scaled LoRA"))
+CURVES = (("retrained", "o-", "retrained"), ("realigned", "s--", "DeRaDiff realigned"), ("weight_scaled", "^:", "weight-scaled LoRA"),
+          ("oracle", "k*-", "exact optimum (oracle)"))
 
 
 def _json_safe(value: Any) -> Any:
@@ -46,20 +47,36 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
             pd.DataFrame(results[key]).to_csv(tmp, index=False)
 
 
+def in_curve(row: dict[str, Any], kind: str) -> bool:
+    """Rows of one curve: the anchor is the lambda = 1 point of every model curve; unreliable oracle rows are left out."""
+    if kind == "oracle":
+        return row["kind"] == "oracle" and bool(row.get("reliable"))
+    return row["kind"] == kind or (bool(row.get("anchor")) and kind in ("realigned", "weight_scaled"))
+
+
+def curve_rows(rows: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """One curve's rows with a finite effective beta, sorted by it."""
+    return sorted((r for r in rows if in_curve(r, kind) and math.isfinite(r["effective_beta"])), key=lambda r: r["effective_beta"])
+
+
 def curve_points(rows: Sequence[dict[str, Any]], kind: str, key: str) -> tuple[list[float], list[float]]:
-    """(effective beta, metric) sorted by beta; the anchor is the lambda = 1 point of every curve."""
-    points = [(r["effective_beta"], r[key]) for r in rows
-              if (r["kind"] == kind or (r.get("anchor") and kind != "base")) and math.isfinite(r["effective_beta"])]
-    points.sort()
-    return [p[0] for p in points], [p[1] for p in points]
+    """(effective beta, metric) sorted by beta."""
+    picked = curve_rows(rows, kind)
+    return [r["effective_beta"] for r in picked], [r[key] for r in picked]
 
 
 def plot_metric(rows: Sequence[dict[str, Any]], key: str, path: Path) -> None:
-    """Metric vs effective beta (log x): retrained, realigned and weight-scaled curves; base as a line."""
+    """Metric vs effective beta (log x) per family, with bootstrap interval bars where computed; base as a line."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for kind, style, label in CURVES:
-        xs, ys = curve_points(rows, kind, key)
-        if len(xs) > 1:
+        picked = curve_rows(rows, kind)
+        if len(picked) < 2:
+            continue
+        xs, ys = [r["effective_beta"] for r in picked], [r[key] for r in picked]
+        if all(math.isfinite(r.get(f"{key}_lo", math.nan)) for r in picked):
+            yerr = [[y - r[f"{key}_lo"] for y, r in zip(ys, picked)], [r[f"{key}_hi"] - y for y, r in zip(ys, picked)]]
+            ax.errorbar(xs, ys, yerr=yerr, fmt=style, label=label, capsize=2)
+        else:
             ax.plot(xs, ys, style, label=label)
     base = next(r[key] for r in rows if r["kind"] == "base")
     ax.axhline(base, color="gray", lw=1, label="base (beta = inf)")
@@ -72,7 +89,9 @@ def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None
     fig, ax = plt.subplots(figsize=(5, 3.4))
     base = next(r for r in rows if r["kind"] == "base")
     for kind, style, label in CURVES:
-        pts = sorted([(r["path_kl"], r[reward]) for r in rows if r["kind"] == kind or (r.get("anchor") and kind != "retrained")])
+        pts = sorted((r["path_kl"], r[reward]) for r in rows if in_curve(r, kind))
+        if not pts:
+            continue
         pts = [(base["path_kl"], base[reward])] + pts
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     _finish_plot(fig, ax, "path KL to base (nats / image)", reward, path)
@@ -143,10 +162,22 @@ def _embed(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], estimated: Sequence[str] = ()) -> str:
+    """A table of `keys`; a value with `<key>_lo/_hi` shows its interval. In rows marked reliable = false
+    (oracle rows with too few effective samples) the `estimated` keys read "unreliable (ESS k)" instead."""
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(r, k, k in estimated)}</td>" for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(row: dict[str, Any], key: str, estimated: bool) -> str:
+    if estimated and row.get("reliable") is False:
+        return f"unreliable (ESS {row['ess']:.0f})"
+    text = _fmt(row.get(key))
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        text += f" [{lo:.4g}, {hi:.4g}]"
+    return text
 
 
 def _fmt(value: Any) -> str:
@@ -163,7 +194,8 @@ def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: P
     `extra_html` (e.g. the study's compute accounting) goes after the summary; `dest` defaults to out/report.html.
     """
     meta = results["meta"]
-    model_keys = ["name", "kind", "beta", "lambda", "effective_beta", *meta["metric_keys"], "kid_vs_base",
+    estimated = [*meta["metric_keys"], "kl_to_optimum"]
+    model_keys = ["name", "kind", "beta", "lambda", "effective_beta", *estimated, "ess", "kid_vs_base",
                   "mse_vs_target", "psnr_vs_target", "kid_vs_target", "model_seconds"]
     summary = [{"kind": k, **v} for k, v in results["error_summary"].items()]
     parts = [
@@ -173,10 +205,16 @@ def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: P
         f"<h1>Realigned vs retrained</h1><p>anchor: {html.escape(meta['anchor_lora'])} (beta0 = {meta['beta0']:g}, "
         f"method {html.escape(meta['method'])}); base: {html.escape(str(meta['base_model']))}; "
         f"{meta['num_prompts']} prompts x {meta['num_seeds']} seeds, shared noise; {meta['notes']}</p>",
+        "<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in results.get("verdict", [])) + "</ul>",
         "<h2>Approximation error (|approx - retrained| / |retrained - base|, mean over lambdas)</h2>",
         html_table(summary, ["kind", *meta["metric_keys"]]),
+        "<h2>Realigned minus weight-scaled normalized error (negative: realignment is closer)</h2>",
+        html_table(results.get("comparisons", []), ["reference", "scope", "metric", "difference", "verdict"]),
+        "<h2>Gaps to the exact optimum at each model's effective beta (model - oracle)</h2>",
+        f"<p>{html.escape(str(meta.get('oracle', {}).get('status', '')))}</p>",
+        html_table(results.get("oracle_gaps", []), ["name", "kind", "oracle", "metric", "gap", "normalized_error", "consistent_with_oracle"]),
         extra_html,
-        "<h2>Models</h2>", html_table(results["models"], model_keys),
+        "<h2>Models (bracketed: bootstrap interval)</h2>", html_table(results["models"], model_keys, estimated),
         "<h2>Plots</h2>", "".join(f"<img src='{_embed(out / f)}' alt='{html.escape(f)}'>" for f in results["plots"]),
         "<h2>Image grids (rows: models; columns: seeds)</h2>",
         "".join(f"<h3>{html.escape(g['prompt'])}</h3><img src='{_embed(out / g['file'])}' alt='{html.escape(g['file'])}'>" for g in results["grids"]),

@@ -69,14 +69,24 @@ def log_eval(cfg: Any, variants: Sequence[Any], samples: dict[str, Any], jobs: S
             tracker.log_scalars(numbers(row), step=0)
             tracker.log_images("samples", samples[variant.name].images[:shown], [f"{p} (seed {s})" for p, s in jobs[:shown]], step=0)
             tracker.finish(numbers(row))
+        for row in (r for r in results["models"] if r["kind"] == "oracle"):  # the exact optimum: numbers, no images
+            tracker = factory(cfg.tracker, str(out), f"eval-{row['name']}")
+            tracker.log_config({k: row[k] for k in ("name", "kind", "method", "beta", "lambda", "effective_beta", "reliable")}
+                               | {"beta0": results["meta"]["beta0"], "group": group})
+            tracker.log_scalars(numbers(row), step=0)
+            tracker.finish(numbers(row))
         log_report(cfg, results, out, factory, group)
 
 
 def log_report(cfg: Any, results: dict[str, Any], out: Path, factory: TrackerFactory, group: str) -> None:
     """The report run: kind=report, the plots as images and the mean approximation errors as scalars."""
     tracker = factory(cfg.tracker, str(out), "eval-report")
-    tracker.log_config({"kind": "report", "method": results["meta"]["method"], "beta0": results["meta"]["beta0"], "group": group})
+    tracker.log_config({"kind": "report", "method": results["meta"]["method"], "beta0": results["meta"]["beta0"], "group": group,
+                        "verdict": results.get("verdict", [])})
     summary = {f"approx_error/{kind}/{m}": v for kind, per in results["error_summary"].items() for m, v in per.items()}
+    for c in results.get("comparisons", []):  # realigned - weight-scaled normalized error, with its interval
+        stem = f"error_difference/{c['reference']}/{c['scope']}/{c['metric']}"
+        summary.update({stem: c["difference"], f"{stem}_lo": c["difference_lo"], f"{stem}_hi": c["difference_hi"]})
     tracker.log_scalars(numbers(summary), step=0)
     for rel in results["plots"]:
         tracker.log_images(f"plots/{Path(rel).stem}", png_tensor(out / rel)[None], [rel], step=0)

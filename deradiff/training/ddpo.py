@@ -89,6 +89,7 @@ def _metadata(cfg: DDPOConfig, base: str, engine: Any) -> dict[str, Any]:
         "base_model_path": base,
         "method": "ddpo",
         "beta": cfg.ddpo.beta or None,  # 0 = unregularized DDPO: no beta for realign to rescale
+        "beta_units": "reward",  # objective E[r] - beta * KL: the eval's oracle p_ref * exp(r / beta) applies
         "reward": cfg.ddpo.reward,
         "kl_in": cfg.ddpo.kl_in,
         "kl_convention": "sum over DDIM steps and latent dims of ||mu_lora - mu_ref||^2 / (2 sigma_t^2), nats",

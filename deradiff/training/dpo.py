@@ -110,6 +110,7 @@ def run_dpo(cfg: DPOConfig, tracker: Any = None) -> dict[str, Any]:
         "base_model_path": base,
         "method": "dpo",
         "beta": cfg.dpo.beta,
+        "beta_units": "implicit",  # scales an implicit (ELBO-surrogate) reward: no exp(r / beta) oracle
         "beta_convention": "paper (loss = -logsigmoid(-beta/2 * diff)); diffusers beta_dpo = beta/2",
         "loss_type": cfg.dpo.loss_type,
         "data_source": cfg.data.source,
