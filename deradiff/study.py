@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +36,9 @@ class StudyConfig:
     make_prefs: bool = option(True, "dpo: generate tiny-world preference pairs into prefs/ when missing (own stage)")
     eval_config: str = option("configs/tiny/eval.yaml", "eval YAML; anchor/retrained/output_dir are set by the study")
     eval_overrides: list[str] = option([], "key=value overrides for the eval (e.g. seeds=[0,1])")
+    prompts: list[str] | None = option(
+        None, "ddpo: one prompt list for training, the oracle and the eval (the optimum is per prompt, so a LoRA is "
+              "compared with its optimum on the prompts it was trained on); null: each YAML's own prompts")
     group: str | None = option(None, "W&B group of every run of this study (null: study-<folder name>)")
     sweep_sizes: list[int] = option([3, 5, 10], "K values of the realign-vs-retrain savings table")
     threads: int = option(0, "torch CPU threads for every stage (0: torch's default); 1 is far faster on small shared CPUs")
@@ -44,6 +49,8 @@ class StudyConfig:
             raise ConfigError(f"config keys 'beta0' and 'betas' must be > 0, got {self.beta0} and {self.betas}")
         if self.beta0 in self.betas or len(set(self.betas)) != len(self.betas):
             raise ConfigError(f"config key 'betas' must be distinct and exclude beta0 ({self.beta0}), got {self.betas}")
+        if self.prompts is not None and (self.method != "ddpo" or not self.prompts):
+            raise ConfigError(f"config key 'prompts' needs method ddpo and at least one prompt, got {self.method} and {self.prompts}")
 
 
 @dataclass
@@ -100,6 +107,8 @@ def train_config(cfg: StudyConfig, beta: float) -> Any:
     """The trainer config for one strength: the study's YAML + overrides, its own folder, its beta."""
     study = Path(cfg.output_dir)
     overrides = [*cfg.train_overrides, f"output_dir={study / 'train' / f'beta{beta:g}'}", f"{cfg.method}.beta={beta}"]
+    if cfg.prompts is not None:
+        overrides.append(f"ddpo.prompts={json.dumps(cfg.prompts)}")
     if cfg.method == "dpo" and cfg.make_prefs:
         overrides.append(f"data.source={prefs_path(cfg)}")
     loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, overrides)
@@ -107,11 +116,17 @@ def train_config(cfg: StudyConfig, beta: float) -> Any:
 
 
 def eval_config(cfg: StudyConfig, anchor: str, retrained: Sequence[str]) -> Any:
-    """The eval config: the study's eval YAML + overrides, pointed at this study's LoRAs and folder."""
+    """The eval config: the study's eval YAML + overrides, pointed at this study's LoRAs and folder. For ddpo the
+    eval samples with the training sampler (where lambda = beta0 / beta is exact and the oracle applies)."""
     from deradiff.eval.config import EvalConfig
 
     overrides = [*cfg.eval_overrides, f"output_dir={Path(cfg.output_dir) / 'eval'}", f"anchor_lora={anchor}",
                  f"retrained_loras={json.dumps(list(retrained))}", "overwrite=true", f"group={study_group(cfg)}"]
+    if cfg.method == "ddpo":
+        sample = train_config(cfg, cfg.beta0).sample
+        overrides += [f"sampling.steps={sample.num_steps}", f"sampling.eta={sample.eta}", f"sampling.guidance_scale={sample.guidance_scale}"]
+    if cfg.prompts is not None:
+        overrides.append(f"prompts={json.dumps(cfg.prompts)}")
     return replace(load_config(EvalConfig, cfg.eval_config, overrides), tracker=cfg.tracker)
 
 
@@ -210,13 +225,55 @@ def accounting(cfg: StudyConfig, records: Sequence[StageRecord], trains: Sequenc
     }
 
 
+# ---- convergence -----------------------------------------------------------------------------------------
+PLATEAU_METRIC = {"ddpo": "objective", "dpo": "loss"}  # per-step training objective each trainer logs
+
+
+def plateau(history: Sequence[dict[str, float]], key: str, fraction: float = 0.25) -> dict[str, Any] | None:
+    """Change of `key` between the last `fraction` of logged steps and the same span before it, with a 95%
+    normal interval (Welch): an interval including 0 means no detectable change (plateaued). None: too short."""
+    values = [float(h[key]) for h in history if key in h and math.isfinite(float(h[key]))]
+    n = max(2, int(len(values) * fraction))
+    if len(values) < 2 * n:
+        return None
+    earlier, last = values[-2 * n : -n], values[-n:]
+    change = statistics.fmean(last) - statistics.fmean(earlier)
+    half = 1.96 * math.sqrt((statistics.variance(earlier) + statistics.variance(last)) / n)
+    return {"metric": key, "steps": int(history[-1]["step"]), "window": n, "change": change, "change_lo": change - half,
+            "change_hi": change + half, "plateaued": change - half <= 0 <= change + half}
+
+
+def convergence(cfg: StudyConfig, trains: Sequence[StageRecord]) -> list[dict[str, Any]]:
+    """Per trained LoRA: did its training objective stop changing (from its history.jsonl)?"""
+    from deradiff.training.trainer import read_history
+
+    key = PLATEAU_METRIC.get(cfg.method, "loss")
+    out = []
+    for beta, rec in zip([cfg.beta0, *cfg.betas], trains):
+        found = plateau(read_history(Path(rec.result["lora_dir"]).parent, 10**12), key)
+        out.append({"beta": beta, **(found or {"metric": key, "plateaued": None})})
+    return out
+
+
+def convergence_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["plateaued"] is None:
+            lines.append(f"training at beta {r['beta']:g}: too few logged steps to judge convergence")
+            continue
+        state = "plateaued (no detectable change)" if r["plateaued"] else "still changing (not converged)"
+        lines.append(f"training at beta {r['beta']:g}: {r['metric']} over the last {r['window']} logged steps changed by "
+                     f"{r['change']:+.3g} [{r['change_lo']:+.3g}, {r['change_hi']:+.3g}] vs the {r['window']} before: {state}")
+    return lines
+
+
 # ---- findings and report ---------------------------------------------------------------------------------
 def is_decreasing(values: Sequence[float]) -> bool:
     return all(b <= a for a, b in zip(values, values[1:]))
 
 
 def findings(results: dict[str, Any]) -> dict[str, Any]:
-    """The study's claims, checked on this run: reward falls with beta (retrained), realigned follows."""
+    """The study's claims, checked on this run: reward falls with beta (retrained, oracle), realigned follows."""
     from deradiff.eval.report import curve_points
 
     models = results["models"]
@@ -224,8 +281,10 @@ def findings(results: dict[str, Any]) -> dict[str, Any]:
     if reward is None:
         return {}
     out: dict[str, Any] = {"reward": reward}
-    for kind in ("retrained", "realigned", "weight_scaled"):
+    for kind in ("retrained", "realigned", "weight_scaled", "oracle"):
         betas, values = curve_points(models, kind, reward)
+        if not betas:
+            continue
         out[kind] = {"effective_beta": betas, reward: values, "falls_as_beta_grows": is_decreasing(values)}
     out["mean_normalized_error"] = results["error_summary"]
     return out
@@ -244,15 +303,19 @@ def accounting_html(acc: dict[str, Any], found: dict[str, Any]) -> str:
             + html_table(acc["savings"], list(acc["savings"][0]) if acc["savings"] else []))
 
 
-def write_study_report(cfg: StudyConfig, results: dict[str, Any], acc: dict[str, Any], found: dict[str, Any]) -> Path:
-    """report.html (the eval report plus findings and compute accounting) and summary.json in the study folder."""
+def write_study_report(cfg: StudyConfig, results: dict[str, Any], acc: dict[str, Any], found: dict[str, Any],
+                       converged: list[dict[str, Any]]) -> tuple[Path, list[str]]:
+    """report.html (the eval report plus convergence, findings and compute accounting) and summary.json in the
+    study folder; both open with the verdict lines. Returns the report path and the verdict."""
     from deradiff.eval.report import write_html
 
     study = Path(cfg.output_dir)
-    summary = {"report": str(study / "report.html"), "eval_report": str(study / "eval" / "report.html"),
-               "findings": found, "accounting": acc}
+    verdict = [*results.get("verdict", []), *convergence_lines(converged)]
+    summary = {"report": str(study / "report.html"), "eval_report": str(study / "eval" / "report.html"), "verdict": verdict,
+               "convergence": converged, "findings": found, "accounting": acc}
     write_text_atomic(study / "summary.json", json.dumps(summary, indent=2, default=str))
-    return write_html(study / "eval", results, extra_html=accounting_html(acc, found), dest=study / "report.html")
+    page = write_html(study / "eval", {**results, "verdict": verdict}, extra_html=accounting_html(acc, found), dest=study / "report.html")
+    return page, verdict
 
 
 def run_study(cfg: StudyConfig) -> StudyResult:
@@ -283,9 +346,10 @@ def run_study(cfg: StudyConfig) -> StudyResult:
         bar.update()
     bar.close()
     results = json.loads(Path(records[-1].result["results"]).read_text())
-    acc, found = accounting(cfg, records, trains, results), findings(results)
-    report = write_study_report(cfg, results, acc, found)
-    return StudyResult(report=report, summary={"findings": found, "accounting": acc}, stages=records)
+    acc, found, converged = accounting(cfg, records, trains, results), findings(results), convergence(cfg, trains)
+    report, verdict = write_study_report(cfg, results, acc, found, converged)
+    return StudyResult(report=report, summary={"verdict": verdict, "convergence": converged, "findings": found, "accounting": acc},
+                       stages=records)
 
 
 def format_summary(result: StudyResult) -> str:
@@ -298,5 +362,6 @@ def format_summary(result: StudyResult) -> str:
     for kind, v in result.summary["findings"].items():
         if isinstance(v, dict) and "falls_as_beta_grows" in v:
             lines.append(f"{kind}: reward falls as beta grows: {v['falls_as_beta_grows']}")
+    lines += result.summary["verdict"]
     lines.append(f"report: {result.report}")
     return "\n".join(lines)

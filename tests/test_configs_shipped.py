@@ -21,7 +21,7 @@ SCHEMAS = {
     "realign": "deradiff.realign.sample:RealignConfig",
     "eval": "deradiff.eval.config:EvalConfig",
     "study": "deradiff.study:StudyConfig",
-    "study_ddpo": "deradiff.study:StudyConfig",
+    "study_dpo": "deradiff.study:StudyConfig",
 }
 
 

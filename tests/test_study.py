@@ -89,7 +89,7 @@ def finished_study(tmp_path_factory):
                  "tracker.backend=none",
                  'eval_overrides=["prompts=[red circle, blue square]", "seeds=[0,1,2]", "sampling.steps=4", '
                  '"rewards=[vividness]", "kid_features=pixels", "extra_lambdas=[1.5]"]']
-    cfg = load_config(study.StudyConfig, "configs/tiny/study.yaml", overrides)
+    cfg = load_config(study.StudyConfig, "configs/tiny/study_dpo.yaml", overrides)
     try:
         first = study.run_study(cfg)
         second = study.run_study(cfg)
@@ -134,3 +134,35 @@ def test_findings_recorded_for_every_curve(finished_study):
     assert found["reward"] == "reward_vividness"
     assert found["retrained"]["effective_beta"] == [250.0, 500.0, 1000.0]
     assert found["realigned"]["effective_beta"] == pytest.approx([250.0, 1000 / 3, 500.0, 1000.0])
+
+
+def test_dpo_study_says_why_it_has_no_oracle_and_opens_with_its_verdict(finished_study):
+    cfg, first, _ = finished_study
+    verdict = first.summary["verdict"]
+    assert verdict[0].startswith("Intervals: 95% bootstrap")
+    assert any("no oracle" in line and "not in reward units" in line for line in verdict)
+    assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["verdict"] == verdict
+    page = first.report.read_text()
+    assert page.index("Verdict") < page.index("Study findings")
+
+
+def test_plateau_by_hand():
+    rising = [{"step": i + 1, "objective": float(i)} for i in range(40)]
+    found = study.plateau(rising, "objective")
+    assert found["window"] == 10 and found["change"] == pytest.approx(10.0) and found["plateaued"] is False
+    flat = [{"step": i + 1, "objective": (-1.0) ** i} for i in range(40)]
+    found = study.plateau(flat, "objective")
+    # last 10 and the 10 before both average 0; each has variance 10/9: half-width 1.96 * sqrt(2 * 10/9 / 10)
+    assert found["change"] == pytest.approx(0.0) and found["change_hi"] == pytest.approx(1.96 * (2 / 9) ** 0.5)
+    assert found["plateaued"] is True
+    assert study.plateau(rising[:3], "objective") is None
+
+
+def test_ddpo_study_trains_and_evaluates_on_one_prompt_list_with_the_training_sampler(tmp_path):
+    prompts = ["a large red square", "a small blue circle"]
+    cfg = load_config(study.StudyConfig, "configs/tiny/study.yaml", [f"output_dir={tmp_path}", f"prompts={json.dumps(prompts)}"])
+    tcfg = study.train_config(cfg, cfg.betas[0])
+    ecfg = study.eval_config(cfg, "anchor", ["retrained"])
+    assert tcfg.ddpo.prompts == prompts and ecfg.prompts == prompts
+    assert (ecfg.sampling.steps, ecfg.sampling.eta, ecfg.sampling.guidance_scale) == (
+        tcfg.sample.num_steps, tcfg.sample.eta, tcfg.sample.guidance_scale)

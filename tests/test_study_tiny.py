@@ -1,6 +1,6 @@
-"""The shipped tiny-world study end to end (slow: ~10 min on 2 CPU cores): the must-show claims, on real training.
+"""The shipped default study end to end (slow: ~8 min on 2 CPU cores): its claims, on real DDPO training.
 
-Run with `pytest -m slow tests/test_study_tiny.py`. Needs the embedded tiny world (`deradiff tiny pretrain`).
+CI runs these after the default suite (`.ci/run`); by hand: `scripts/test.sh -m slow tests/test_study_tiny.py`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,41 @@ def tiny_study(tmp_path_factory):
     return cfg, study.run_study(cfg)
 
 
-def test_retrained_reward_falls_as_beta_grows_and_realigned_follows(tiny_study):
+def test_realigned_and_the_oracle_reward_fall_as_beta_grows(tiny_study):
     _, result = tiny_study
     found = result.summary["findings"]
-    assert found["retrained"]["falls_as_beta_grows"], found["retrained"]
     assert found["realigned"]["falls_as_beta_grows"], found["realigned"]
+    assert found["oracle"]["falls_as_beta_grows"], found["oracle"]
+
+
+def test_the_oracle_is_shown_and_reliable_at_every_evaluated_strength(tiny_study):
+    cfg, result = tiny_study
+    results = json.loads((Path(cfg.output_dir) / "eval" / "results.json").read_text())
+    assert results["meta"]["oracle"]["status"] == "shown"
+    oracle = {r["effective_beta"]: r for r in results["models"] if r["kind"] == "oracle"}
+    strengths = {r["effective_beta"] for r in results["models"] if r["kind"] in ("retrained", "realigned")}
+    assert set(oracle) == strengths
+    assert all(r["reliable"] and r["ess"] >= results["meta"]["oracle"]["min_ess"] for r in oracle.values()), oracle
+
+
+def test_every_number_has_an_interval_and_the_verdict_covers_every_metric(tiny_study):
+    cfg, result = tiny_study
+    results = json.loads((Path(cfg.output_dir) / "eval" / "results.json").read_text())
+    for row in results["models"]:
+        if row["kind"] != "base":
+            for key in results["meta"]["metric_keys"]:
+                assert row[f"{key}_lo"] <= row[key] + 1e-9 <= row[f"{key}_hi"] + 2e-9, (row["name"], key)
+    verdict = result.summary["verdict"]
+    for key in results["meta"]["metric_keys"]:
+        for reference in ("retrained", "oracle"):
+            assert any(line.startswith(f"{key} vs {reference}: ") for line in verdict), (key, reference)
+    retrained = [r["name"] for r in results["models"] if r["kind"] == "retrained"]
+    for name in retrained:
+        line = next(line for line in verdict if line.startswith(f"{name} vs its optimum"))
+        assert "KL to optimum" in line and "[" in line
+    assert sum(line.startswith("training at beta") for line in verdict) == len(retrained)
+    gaps = {(g["name"], g["metric"]) for g in results["oracle_gaps"]}
+    assert {(n, "reward_vividness") for n in retrained} <= gaps and {(n, "path_kl") for n in retrained} <= gaps
 
 
 def test_report_has_its_images_and_every_number_from_the_run(tiny_study):
