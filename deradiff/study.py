@@ -23,6 +23,9 @@ from deradiff.fileio import write_text_atomic
 from deradiff.training.config import TrackerSection
 
 
+REWARD_METHODS = ("ddpo", "reward_grad")  # beta in reward units: an oracle exists, the eval uses their sampler
+
+
 @dataclass
 class StudyConfig:
     """One realignment study: which trainer, which strengths, which eval."""
@@ -30,14 +33,14 @@ class StudyConfig:
     output_dir: str = option(help="study folder: prefs/, train/beta*/, eval/, stages/, report.html, summary.json")
     beta0: float = option(help="KL strength of the anchor LoRA (the one users would train)")
     betas: list[float] = option(help="the K other strengths that get a retrained LoRA (the ground truth)")
-    method: Literal["dpo", "ddpo"] = option("dpo", "trainer for the anchor and the retrained LoRAs")
+    method: Literal["dpo", "ddpo", "reward_grad"] = option("dpo", "trainer for the anchor and the retrained LoRAs")
     train_config: str = option("configs/tiny/dpo.yaml", "trainer YAML every LoRA starts from")
     train_overrides: list[str] = option([], "key=value overrides for every training run (e.g. train.max_steps=40)")
     make_prefs: bool = option(True, "dpo: generate tiny-world preference pairs into prefs/ when missing (own stage)")
     eval_config: str = option("configs/tiny/eval.yaml", "eval YAML; anchor/retrained/output_dir are set by the study")
     eval_overrides: list[str] = option([], "key=value overrides for the eval (e.g. seeds=[0,1])")
     prompts: list[str] | None = option(
-        None, "ddpo: one prompt list for training, the oracle and the eval (the optimum is per prompt, so a LoRA is "
+        None, "ddpo / reward_grad: one prompt list for training, the oracle and the eval (the optimum is per prompt, so a LoRA is "
               "compared with its optimum on the prompts it was trained on); null: each YAML's own prompts")
     group: str | None = option(None, "W&B group of every run of this study (null: study-<folder name>)")
     sweep_sizes: list[int] = option([3, 5, 10], "K values of the realign-vs-retrain savings table")
@@ -49,8 +52,9 @@ class StudyConfig:
             raise ConfigError(f"config keys 'beta0' and 'betas' must be > 0, got {self.beta0} and {self.betas}")
         if self.beta0 in self.betas or len(set(self.betas)) != len(self.betas):
             raise ConfigError(f"config key 'betas' must be distinct and exclude beta0 ({self.beta0}), got {self.betas}")
-        if self.prompts is not None and (self.method != "ddpo" or not self.prompts):
-            raise ConfigError(f"config key 'prompts' needs method ddpo and at least one prompt, got {self.method} and {self.prompts}")
+        if self.prompts is not None and (self.method not in REWARD_METHODS or not self.prompts):
+            raise ConfigError(f"config key 'prompts' needs method ddpo or reward_grad and at least one prompt, "
+                              f"got {self.method} and {self.prompts}")
 
 
 @dataclass
@@ -108,7 +112,7 @@ def train_config(cfg: StudyConfig, beta: float) -> Any:
     study = Path(cfg.output_dir)
     overrides = [*cfg.train_overrides, f"output_dir={study / 'train' / f'beta{beta:g}'}", f"{cfg.method}.beta={beta}"]
     if cfg.prompts is not None:
-        overrides.append(f"ddpo.prompts={json.dumps(cfg.prompts)}")
+        overrides.append(f"{cfg.method}.prompts={json.dumps(cfg.prompts)}")
     if cfg.method == "dpo" and cfg.make_prefs:
         overrides.append(f"data.source={prefs_path(cfg)}")
     loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, overrides)
@@ -117,12 +121,13 @@ def train_config(cfg: StudyConfig, beta: float) -> Any:
 
 def eval_config(cfg: StudyConfig, anchor: str, retrained: Sequence[str]) -> Any:
     """The eval config: the study's eval YAML + overrides, pointed at this study's LoRAs and folder. For ddpo the
-    eval samples with the training sampler (where lambda = beta0 / beta is exact and the oracle applies)."""
+    eval samples with the training sampler (where lambda = beta0 / beta is exact and the oracle applies);
+    so does reward_grad."""
     from deradiff.eval.config import EvalConfig
 
     overrides = [*cfg.eval_overrides, f"output_dir={Path(cfg.output_dir) / 'eval'}", f"anchor_lora={anchor}",
                  f"retrained_loras={json.dumps(list(retrained))}", "overwrite=true", f"group={study_group(cfg)}"]
-    if cfg.method == "ddpo":
+    if cfg.method in REWARD_METHODS:
         sample = train_config(cfg, cfg.beta0).sample
         overrides += [f"sampling.steps={sample.num_steps}", f"sampling.eta={sample.eta}", f"sampling.guidance_scale={sample.guidance_scale}"]
     if cfg.prompts is not None:
@@ -226,7 +231,7 @@ def accounting(cfg: StudyConfig, records: Sequence[StageRecord], trains: Sequenc
 
 
 # ---- convergence -----------------------------------------------------------------------------------------
-PLATEAU_METRIC = {"ddpo": "objective", "dpo": "loss"}  # per-step training objective each trainer logs
+PLATEAU_METRIC = {"ddpo": "objective", "reward_grad": "objective", "dpo": "loss"}  # per-step training objective each trainer logs
 
 
 def plateau(history: Sequence[dict[str, float]], key: str, fraction: float = 0.25) -> dict[str, Any] | None:

@@ -42,6 +42,14 @@ def add_lora():
     return _add_test_lora
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    """A saved tiny random SD pipeline folder (model.pretrained for trainer tests)."""
+    from deradiff.testing import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-sd"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Every test runs with one torch thread: tiny models are ~10x slower with 2 threads on a busy 2-core

@@ -18,10 +18,12 @@ SCHEMAS = {
     "prefs": "deradiff.cli.data:PrefsConfig",
     "dpo": "deradiff.training.dpo:DPOConfig",
     "ddpo": "deradiff.training.ddpo_config:DDPOConfig",
+    "reward_grad": "deradiff.training.reward_grad:RewardGradConfig",
     "realign": "deradiff.realign.sample:RealignConfig",
     "eval": "deradiff.eval.config:EvalConfig",
     "study": "deradiff.study:StudyConfig",
     "study_dpo": "deradiff.study:StudyConfig",
+    "study_full": "deradiff.study:StudyConfig",
 }
 
 

@@ -18,15 +18,6 @@ from deradiff.training.tracking import RecordingTracker
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> str:
-    from deradiff.testing import tiny_sd_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_sd_pipeline(seed=0).save_pretrained(str(folder), safe_serialization=True)
-    return str(folder)
-
-
 def _cfg(base: str, out: Path, *extra: str) -> DDPOConfig:
     # 2 inner epochs x 1 micro-batch = 2 optimizer steps per round; 2 of 3 DDIM steps trained per sample
     return load_config(DDPOConfig, None, [

@@ -158,11 +158,13 @@ def test_plateau_by_hand():
     assert study.plateau(rising[:3], "objective") is None
 
 
-def test_ddpo_study_trains_and_evaluates_on_one_prompt_list_with_the_training_sampler(tmp_path):
+@pytest.mark.parametrize("method", ["reward_grad", "ddpo"])
+def test_reward_unit_study_trains_and_evaluates_on_one_prompt_list_with_the_training_sampler(tmp_path, method):
     prompts = ["a large red square", "a small blue circle"]
-    cfg = load_config(study.StudyConfig, "configs/tiny/study.yaml", [f"output_dir={tmp_path}", f"prompts={json.dumps(prompts)}"])
+    cfg = load_config(study.StudyConfig, "configs/tiny/study.yaml", [
+        f"output_dir={tmp_path}", f"prompts={json.dumps(prompts)}", f"method={method}", f"train_config=configs/tiny/{method}.yaml"])
     tcfg = study.train_config(cfg, cfg.betas[0])
     ecfg = study.eval_config(cfg, "anchor", ["retrained"])
-    assert tcfg.ddpo.prompts == prompts and ecfg.prompts == prompts
+    assert getattr(tcfg, method).prompts == prompts and ecfg.prompts == prompts
     assert (ecfg.sampling.steps, ecfg.sampling.eta, ecfg.sampling.guidance_scale) == (
         tcfg.sample.num_steps, tcfg.sample.eta, tcfg.sample.guidance_scale)

@@ -7,7 +7,7 @@ Model-backed (local safetensors weights, loaded only when built; docs/rewards.md
 
 from deradiff.rewards import builtin as _builtin  # noqa: F401  (registers the built-in rewards)
 from deradiff.rewards import models as _models  # noqa: F401  (registers model rewards; imports only torch)
-from deradiff.rewards.base import Reward, available_rewards, check_reward_name, get_reward, register_reward
+from deradiff.rewards.base import Reward, available_rewards, check_reward_name, get_reward, is_differentiable, register_reward
 from deradiff.rewards.builtin import jpeg_kilobytes
 
-__all__ = ["Reward", "available_rewards", "check_reward_name", "get_reward", "jpeg_kilobytes", "register_reward"]
+__all__ = ["Reward", "available_rewards", "check_reward_name", "get_reward", "is_differentiable", "jpeg_kilobytes", "register_reward"]

@@ -21,6 +21,7 @@ class Reward(ABC):
 
     name: str = "reward"
     higher_is_better: bool = True
+    differentiable: bool = False  # score() is a torch function of the pixels (reward-gradient training may use it)
 
     @abstractmethod
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -28,11 +29,21 @@ class Reward(ABC):
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Validate shapes/ranges once here, so every reward fails the same clear way on bad input."""
+        self._check(images, prompts)
+        return self.score(images.detach().float().clamp(0, 1), list(prompts)).float()
+
+    def with_grad(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Scores that backpropagate into `images` (only for rewards marked differentiable)."""
+        if not self.differentiable:
+            raise ValueError(f"reward {self.name!r} is not differentiable; reward-gradient training needs one that is")
+        self._check(images, prompts)
+        return self.score(images.float().clamp(0, 1), list(prompts)).float()
+
+    def _check(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"reward {self.name!r} expects images [B,3,H,W], got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
-        return self.score(images.detach().float().clamp(0, 1), list(prompts)).float()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, higher_is_better={self.higher_is_better})"
@@ -64,6 +75,12 @@ def check_reward_name(name: str, key: str | None = None) -> None:
     if name not in _REGISTRY:
         where = f"config key {key!r} names unknown reward" if key else "unknown reward"
         raise ConfigError(f"{where} {name!r}; known rewards: {', '.join(available_rewards())}")
+
+
+def is_differentiable(name: str) -> bool:
+    """Whether the reward registered as `name` scores with torch ops (checked without building it)."""
+    check_reward_name(name)
+    return bool(getattr(_REGISTRY[name], "differentiable", False))
 
 
 def get_reward(name: str, **kwargs) -> Reward:

@@ -22,6 +22,8 @@ class Vividness(Reward):
     `power` > 1 rewards only strongly saturated pixels.
     """
 
+    differentiable = True
+
     def __init__(self, power: float = 1.0) -> None:
         self.power = power
 

@@ -26,13 +26,25 @@ BETA_HELP = (
 
 
 @dataclass
-class SampleSection:
-    """The stochastic DDIM sampler that generates training trajectories (and defines the KL)."""
+class ChainSection:
+    """The stochastic DDIM sampler whose chains are trained on (and whose path KL beta multiplies)."""
 
     num_steps: int = option(50, "DDIM steps per trajectory")
     eta: float = option(1.0, "DDIM eta (> 0: each step must be a Gaussian with a log-density); 1 = DDPM-like")
     guidance_scale: float = option(5.0, "classifier-free guidance scale (1: no CFG)")
     negative_prompt: str = option("", "the unconditional prompt for CFG")
+
+    def validate(self) -> None:
+        if self.eta <= 0:
+            raise ConfigError(f"config key 'sample.eta' must be > 0 (stochastic steps define the path KL), got {self.eta}")
+        if self.num_steps < 1:
+            raise ConfigError(f"config key 'sample.num_steps' must be >= 1, got {self.num_steps}")
+
+
+@dataclass
+class SampleSection(ChainSection):
+    """DDPO's sampler plus how many trajectories a round samples."""
+
     batch_size: int = option(8, "trajectories per process per sampling forward")
     batches_per_round: int = option(4, "sampling batches per round (per process)")
     images_per_prompt: int = option(
@@ -40,9 +52,8 @@ class SampleSection:
     )
 
     def validate(self) -> None:
-        if self.eta <= 0:
-            raise ConfigError(f"config key 'sample.eta' must be > 0 (DDPO needs stochastic steps), got {self.eta}")
-        for key in ("num_steps", "batch_size", "batches_per_round", "images_per_prompt"):
+        super().validate()
+        for key in ("batch_size", "batches_per_round", "images_per_prompt"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'sample.{key}' must be >= 1, got {getattr(self, key)}")
 

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-TRAINER_MODULES = ("deradiff.training.dpo", "deradiff.training.ddpo")
+TRAINER_MODULES = ("deradiff.training.dpo", "deradiff.training.ddpo", "deradiff.training.reward_grad")
 
 
 @dataclass(frozen=True)

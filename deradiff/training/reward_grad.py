@@ -1,0 +1,149 @@
+"""KL-regularized reward-gradient training (`deradiff train reward_grad`), the AlignProp/DRaFT family: sample
+DDIM chains with the LoRA on, keeping the graph, and backpropagate
+
+    loss = beta * sum_t KL_t(x_t) - r(x_0)
+
+through every step. With the reparameterized noise (x_{t-1} = mu + sigma * eps) this is an unbiased gradient
+of -(E[r] - beta * KL(path)): the same objective and the same beta (reward units, the training sampler's path
+KL) as KL-regularized DDPO, so lambda = beta0 / beta realigns it the same way and the eval's oracle applies.
+It needs a differentiable reward and memory for the whole chain; in exchange it moves toward the optimum in
+far fewer steps than a policy gradient (on the tiny world: tens of steps, where DDPO's noise dominates).
+
+    deradiff train reward_grad --config configs/tiny/reward_grad.yaml reward_grad.beta=0.04
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from deradiff.config import config_to_dict, option
+from deradiff.errors import ConfigError
+from deradiff.training.config import TrainerConfig
+from deradiff.training.ddpo_config import BETA_HELP, ChainSection
+from deradiff.training.registry import TrainerSpec, register_trainer
+
+if TYPE_CHECKING:
+    import torch
+
+    from deradiff.training.tracking import Tracker
+
+
+@dataclass
+class RewardGradSection:
+    """The objective E[reward] - beta * KL, differentiated through the sampling chain."""
+
+    reward: str = option("vividness", "a differentiable reward from deradiff.rewards (e.g. vividness)")
+    reward_options: dict[str, Any] = option({}, "keyword arguments for the reward")
+    prompts: str | list[str] = option(
+        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list")
+    beta: float = option(0.0, BETA_HELP)
+
+    def validate(self) -> None:
+        from deradiff.rewards import check_reward_name, is_differentiable
+
+        check_reward_name(self.reward, "reward_grad.reward")
+        if not is_differentiable(self.reward):
+            raise ConfigError(f"config key 'reward_grad.reward': '{self.reward}' is not differentiable "
+                              "(reward_grad backpropagates through it); use ddpo for this reward")
+        if self.beta < 0:
+            raise ConfigError(f"config key 'reward_grad.beta' must be >= 0, got {self.beta}")
+
+
+@dataclass(kw_only=True)
+class RewardGradConfig(TrainerConfig):
+    """`deradiff train reward_grad`: train.micro_batch_size chains per micro-batch, each backpropagated whole."""
+
+    sample: ChainSection = option(factory=ChainSection, help="the DDIM sampler whose chains are trained on")
+    reward_grad: RewardGradSection = option(factory=RewardGradSection, help="objective: reward and beta")
+
+
+class ChainLoss:
+    """One micro-batch: sample chains with the graph kept, then beta * path KL - reward (mean over chains)."""
+
+    def __init__(self, cfg: RewardGradConfig, pipe: Any, model: "torch.nn.Module", device: Any, rank: int,
+                 reward_fn: Callable[..., "torch.Tensor"], prompts: Sequence[str]) -> None:
+        from deradiff.sampling.ddim import ddpo_scheduler
+        from deradiff.training.dpo_step import training_resolution
+
+        self.cfg, self.pipe, self.model, self.device, self.rank = cfg, pipe, model, device, rank
+        self.reward_fn, self.prompts = reward_fn, list(prompts)
+        self.scheduler = ddpo_scheduler(dict(pipe.scheduler.config))
+        self.scheduler.set_timesteps(cfg.sample.num_steps)
+        size = training_resolution(cfg, pipe) // pipe.vae_scale_factor
+        self.latent_shape = (pipe.unet.config.in_channels, size, size)
+
+    def encode(self, prompts: list[str]) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        import torch
+
+        use_cfg = self.cfg.sample.guidance_scale != 1.0
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, use_cfg, [self.cfg.sample.negative_prompt] * len(prompts))
+        return cond.float(), (uncond.float() if use_cfg else None)
+
+    def __call__(self, micro_step: int) -> tuple["torch.Tensor", dict[str, float]]:
+        import torch
+
+        from deradiff.losses.ddpo import gaussian_kl_same_std
+        from deradiff.models.lora import adapter_disabled
+        from deradiff.sampling.ddim import ddim_transition, guided_denoiser
+        from deradiff.training.determinism import step_generator
+
+        cfg, s = self.cfg, self.cfg.sample
+        gen = step_generator(cfg.train.seed, micro_step, self.rank)
+        n = cfg.train.micro_batch_size
+        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n,), generator=gen).tolist()]
+        cond, uncond = self.encode(prompts)
+        policy = guided_denoiser(self.model, cond, uncond, s.guidance_scale)
+        x = torch.randn((n, *self.latent_shape), generator=gen).to(self.device) * self.scheduler.init_noise_sigma
+        kl = torch.zeros(n, device=self.device)
+        for t in self.scheduler.timesteps:
+            step = ddim_transition(self.scheduler, policy(x, t), t, x, s.eta)
+            with adapter_disabled(self.model) as ref:  # same x_t, grad flows through x_t into earlier steps
+                ref_mean = ddim_transition(self.scheduler, guided_denoiser(ref, cond, uncond, s.guidance_scale)(x, t), t, x, s.eta).mean
+            kl = kl + gaussian_kl_same_std(step.mean, ref_mean, step.std)
+            x = step.mean + step.std * torch.randn(x.shape, generator=gen).to(self.device)
+        vae = self.pipe.vae
+        images = (vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
+        reward = self.reward_fn.with_grad(images, prompts)
+        beta = cfg.reward_grad.beta
+        loss = (beta * kl - reward).mean()
+        reward, kl = reward.detach(), kl.detach()
+        return loss, {"reward_mean": float(reward.mean()), "kl": float(kl.mean()), "objective": float((reward - beta * kl).mean())}
+
+
+def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None) -> dict[str, Any]:
+    """Train and save `output_dir/lora`; returns the run summary. `tracker` overrides the config's (tests)."""
+    from accelerate.utils import set_seed
+
+    from deradiff.rewards import get_reward
+    from deradiff.training.ddpo import load_prompt_source
+    from deradiff.training.dpo import resolve_base_model
+    from deradiff.training.dpo_step import load_models
+    from deradiff.training.trainer import Trainer
+
+    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg),
+                      tracker_override=tracker, sample_unit="chains")
+    set_seed(cfg.train.seed)
+    reward_fn = get_reward(cfg.reward_grad.reward, **cfg.reward_grad.reward_options)
+    prompts = load_prompt_source(cfg.reward_grad.prompts)
+    base = resolve_base_model(cfg.model.pretrained)
+    pipe, params = load_models(cfg, base, trainer)
+    model = trainer.prepare(pipe.unet, params)
+    loss = ChainLoss(cfg, pipe, model, trainer.device, trainer.rank, reward_fn, prompts)
+    return trainer.run(lambda step: trainer.accumulate(step, loss), metadata=_metadata(cfg, base))
+
+
+def _metadata(cfg: RewardGradConfig, base: str) -> dict[str, Any]:
+    """What realign/eval read back (the keys DDPO writes: same beta meaning, same oracle)."""
+    s = cfg.sample
+    return {
+        "base_model": cfg.model.pretrained, "base_model_path": base, "method": "reward_grad",
+        "beta": cfg.reward_grad.beta or None, "beta_units": "reward", "reward": cfg.reward_grad.reward,
+        "kl_convention": "sum over DDIM steps and latent dims of ||mu_lora - mu_ref||^2 / (2 sigma_t^2), nats",
+        "lr": cfg.optim.lr, "sampler": {"num_steps": s.num_steps, "eta": s.eta, "guidance_scale": s.guidance_scale},
+    }
+
+
+register_trainer(TrainerSpec("reward_grad", RewardGradConfig, run_reward_grad, "configs/tiny/reward_grad.yaml",
+                             "KL-regularized reward backprop through the sampling chain (differentiable rewards)"))
