@@ -82,12 +82,13 @@ def stage_key(data: Any) -> str:
 
 
 def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[str, Any]]) -> StageRecord:
-    """Run `fn` unless a done-marker with the same key exists; the marker is written last, atomically."""
+    """Run `fn` unless a done-marker with the same key exists and every path in its result's `outputs` still
+    exists (a deleted LoRA or results file reruns its stage); the marker is written last, atomically."""
     marker = study_dir / "stages" / f"{name}.json"
     key = stage_key(key_data)
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if done.get("key") == key:
+        if done.get("key") == key and all(Path(p).exists() for p in done["result"].get("outputs", [])):
             return StageRecord(name, key, done["seconds"], done["result"], skipped=True)
     start = time.perf_counter()
     result = fn()
@@ -152,19 +153,29 @@ def prefs_stage(cfg: StudyConfig) -> StageRecord | None:
         from deradiff.training.dpo import resolve_base_model
 
         info = generate_preferences(resolve_base_model(tcfg.model.pretrained), str(prefs_path(cfg)), tcfg.data.generate)
-        return {"output": str(prefs_path(cfg)), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
+        return {"output": str(prefs_path(cfg)), "outputs": [str(prefs_path(cfg))],
+                **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
 
     return run_stage(Path(cfg.output_dir), "prefs", key, generate)
+
+
+def weight_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A trainer config without what cannot change the trained weights (tracking, logging, checkpoint cadence),
+    so changing those never reruns a finished training stage."""
+    out = {k: v for k, v in config.items() if k != "tracker"}
+    out["train"] = {k: v for k, v in config["train"].items() if k not in ("log_every", "checkpoint_every", "keep_checkpoints")}
+    return out
 
 
 def train_stage(cfg: StudyConfig, beta: float, upstream: Sequence[str]) -> StageRecord:
     """Train one LoRA at `beta`; an interrupted run resumes from its latest checkpoint."""
     tcfg = train_config(cfg, beta)
-    key = {"method": cfg.method, "config": config_to_dict(tcfg), "upstream": list(upstream)}
+    key = {"method": cfg.method, "config": weight_settings(config_to_dict(tcfg)), "upstream": list(upstream)}
 
     def train() -> dict[str, Any]:
         summary = trainer_spec(cfg.method).run(replace(tcfg, train=replace(tcfg.train, resume_from="latest")))
-        return {"lora_dir": str(summary["lora_dir"]), "beta": beta, "trainer_wall_s": summary.get("wall_s")}
+        return {"lora_dir": str(summary["lora_dir"]), "beta": beta, "trainer_wall_s": summary.get("wall_s"),
+                "outputs": [str(summary["lora_dir"])]}
 
     return run_stage(Path(cfg.output_dir), f"train-{cfg.method}-beta{beta:g}", key, train)
 
@@ -174,11 +185,13 @@ def eval_stage(cfg: StudyConfig, anchor: StageRecord, retrained: Sequence[StageR
     from deradiff.eval.compare import run_eval
 
     ecfg = eval_config(cfg, anchor.result["lora_dir"], [r.result["lora_dir"] for r in retrained])
-    key = {"eval": config_to_dict(ecfg), "upstream": [anchor.key, *(r.key for r in retrained)]}
+    key = {"eval": {k: v for k, v in config_to_dict(ecfg).items() if k not in ("tracker", "group")},
+           "upstream": [anchor.key, *(r.key for r in retrained)]}
 
     def evaluate() -> dict[str, Any]:
         result = run_eval(ecfg)
-        return {"report": str(result.report), "results": str(Path(ecfg.output_dir) / "results.json")}
+        results = str(Path(ecfg.output_dir) / "results.json")
+        return {"report": str(result.report), "results": results, "outputs": [str(result.report), results]}
 
     return run_stage(Path(cfg.output_dir), "eval", key, evaluate)
 

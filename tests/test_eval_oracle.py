@@ -157,3 +157,15 @@ def test_oracle_on_fails_before_sampling_when_it_cannot_apply(models, tmp_path):
     with pytest.raises(DeradiffError, match="trained with"):
         run_eval(cfg, rewards={"brightness": brightness}, features=None)
     assert not (tmp_path / "on" / "results.json").exists()
+
+
+def test_too_few_effective_samples_print_unreliable_and_stay_out_of_the_verdict(models, tmp_path):
+    root, loras = models
+    cfg = _config(root, tmp_path / "noisy", loras["anchor"], loras["retrained"], "oracle.min_ess=1000")
+    res = run_eval(cfg, rewards={"brightness": brightness}, features=None)
+    rows = [r for r in res.results["models"] if r["kind"] == "oracle"]
+    assert rows and not any(r["reliable"] for r in rows)
+    page = res.report.read_text()
+    assert page.count("unreliable (ESS ") >= len(rows)
+    assert not res.results["oracle_gaps"] and not [c for c in res.results["comparisons"] if c["reference"] == "oracle"]
+    assert sum("unreliable (ESS" in line for line in res.results["verdict"]) == len(rows)

@@ -168,3 +168,24 @@ def test_reward_unit_study_trains_and_evaluates_on_one_prompt_list_with_the_trai
     assert getattr(tcfg, method).prompts == prompts and ecfg.prompts == prompts
     assert (ecfg.sampling.steps, ecfg.sampling.eta, ecfg.sampling.guidance_scale) == (
         tcfg.sample.num_steps, tcfg.sample.eta, tcfg.sample.guidance_scale)
+
+
+def test_a_deleted_lora_reruns_its_stage_and_tracker_settings_rerun_nothing(tmp_path, monkeypatch):
+    import shutil
+
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(study, "trainer_spec", lambda method: _fake_trainer(tmp_path / "base"))
+    overrides = [f"output_dir={tmp_path / 'run'}", f"beta0={BETA0}", "betas=[1000.0]", "make_prefs=false",
+                 "tracker.backend=none", 'train_overrides=["train.log_every=5"]',
+                 'eval_overrides=["prompts=[red circle]", "seeds=[0,1]", "sampling.steps=2", "rewards=[vividness]", '
+                 '"kid_features=none", "extra_lambdas=[]", "bootstrap.replicates=0"]']
+    cfg = load_config(study.StudyConfig, "configs/tiny/study_dpo.yaml", overrides)
+    first = study.run_study(cfg)
+    anchor = Path(first.stages[0].result["lora_dir"])
+    shutil.rmtree(anchor)
+    again = study.run_study(cfg)
+    assert [r.skipped for r in again.stages] == [False, True, True] and anchor.is_dir()
+    quieter = load_config(study.StudyConfig, "configs/tiny/study_dpo.yaml", [
+        *overrides[:-3], "tracker.backend=wandb", "tracker.mode=disabled", 'train_overrides=["train.log_every=7"]',
+        overrides[-1]])
+    assert all(r.skipped for r in study.run_study(quieter).stages)
