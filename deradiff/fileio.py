@@ -9,11 +9,13 @@ complete; on any failure the temp file is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from deradiff.errors import DeradiffError
 
@@ -107,3 +109,8 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def content_key(data: Any) -> str:
+    """A short, stable hash of anything JSON can write (stage markers and caches are keyed by it)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -8,7 +8,6 @@ The measured times feed the compute accounting: what sweeping K strengths costs 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -19,7 +18,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from deradiff.config import config_to_dict, load_config, option
 from deradiff.errors import ConfigError
-from deradiff.fileio import write_text_atomic
+from deradiff.fileio import content_key, write_text_atomic
 from deradiff.training.config import TrackerSection
 
 
@@ -78,7 +77,7 @@ class StudyResult:
 # ---- stage caching ---------------------------------------------------------------------------------------
 def stage_key(data: Any) -> str:
     """A short hash of a stage's resolved config (anything JSON can write)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_key(data)
 
 
 def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[str, Any]]) -> StageRecord:

@@ -48,7 +48,7 @@ def _config(out, loras, *extra: str) -> EvalConfig:
     anchor, retrained = loras
     overrides = [f"output_dir={out}", f"anchor_lora={anchor}", f"retrained_loras={json.dumps(retrained)}",
                  "prompts=[red circle, blue square]", "seeds=[0, 1, 2]", "sampling.steps=4", "extra_lambdas=[1.5]",
-                 "kid_features=pixels", "grid_seeds=3", *extra]
+                 "kid_features=pixels", "grid_seeds=3", "bootstrap.replicates=100", *extra]
     return load_config(EvalConfig, None, overrides)
 
 

@@ -88,7 +88,7 @@ def finished_study(tmp_path_factory):
     overrides = [f"output_dir={root / 'run'}", f"beta0={BETA0}", "betas=[250.0, 1000.0]", "make_prefs=false",
                  "tracker.backend=none",
                  'eval_overrides=["prompts=[red circle, blue square]", "seeds=[0,1,2]", "sampling.steps=4", '
-                 '"rewards=[vividness]", "kid_features=pixels", "extra_lambdas=[1.5]"]']
+                 '"rewards=[vividness]", "kid_features=pixels", "extra_lambdas=[1.5]", "bootstrap.replicates=100"]']
     cfg = load_config(study.StudyConfig, "configs/tiny/study_dpo.yaml", overrides)
     try:
         first = study.run_study(cfg)

@@ -25,7 +25,7 @@ from deradiff.eval.scoring import RewardFn, reward_key, score_rewards
 from deradiff.eval.uncertainty import (Comparison, Evidence, Interval, ModelEvidence, OracleEvidence, bootstrap, count_shapes,
                                        estimate, verdict)
 from deradiff.eval.variants import Variant
-from deradiff.fileio import atomic_path
+from deradiff.fileio import atomic_path, content_key
 
 CACHE_VERSION = 1
 
@@ -78,9 +78,7 @@ def cache_file(base_model: str, prompts: Sequence[str], settings: SampleSettings
     key = {"version": CACHE_VERSION, "base": base_fingerprint(base_model), "prompts": list(prompts),
            "sampler": [settings.steps, settings.eta, settings.guidance_scale, settings.height, settings.width],
            "n": section.samples_per_prompt, "seed_offset": section.seed_offset}
-    from deradiff.study import stage_key  # one hash helper for every cache key
-
-    return cache_root(section) / f"base-{stage_key(key)}.safetensors"
+    return cache_root(section) / f"base-{content_key(key)}.safetensors"
 
 
 def oracle_samples(base: Variant, base_model: str, prompts: Sequence[str], settings: SampleSettings, section: OracleSection,
