@@ -109,6 +109,8 @@ def test_every_model_number_has_an_interval_and_the_verdict_reads_them(finished)
     assert any(line.startswith("reward_brightness vs retrained:") for line in verdict)
     assert any(line.startswith("reward_brightness vs oracle:") for line in verdict)
     assert any(line.startswith("retrained-b0.025 vs its optimum oracle-b0.025") for line in verdict)
+    closer = [line for line in verdict if line.startswith("realigned-l2 vs retrained-b0.025, KL to the optimum")]
+    assert len(closer) == 1 and closer[0].endswith(("is closer", "indistinguishable")), closer
     for c in res["comparisons"]:
         excludes = c["difference_lo"] > 0 or c["difference_hi"] < 0
         assert (c["verdict"] == "indistinguishable") == (not excludes), c

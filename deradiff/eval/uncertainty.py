@@ -117,14 +117,12 @@ def estimate(evidence: Evidence, counts: Counts) -> dict[str, float]:
 
 def _kl_to_optimum(evidence: Evidence, counts: Counts, rows: dict[str, dict[str, float]],
                    per_prompt: dict[str, dict[str, torch.Tensor]], log_z: dict[float, torch.Tensor]) -> None:
-    """KL(model || optimum at its effective beta), per prompt then averaged, for models with an oracle."""
+    """KL(model || optimum at its effective beta), per prompt then averaged, for models with a reliable oracle."""
     mp, key = counts["prompts"], evidence.oracle.tilt_key
-    for name, model in evidence.models.items():
-        beta = next((b for b in log_z if math.isclose(b, model.effective_beta, rel_tol=1e-6)), None)
-        if beta is None:
-            continue
-        kl = kl_to_optimum(per_prompt[name]["path_kl"], per_prompt[name][key], beta, log_z[beta])
-        rows[name]["kl_to_optimum"] = float((kl * mp).sum() / mp.sum())
+    for c in (c for c in evidence.comparisons if c.oracle):
+        beta = next(b for b in log_z if oracle_name(b) == c.oracle)
+        kl = kl_to_optimum(per_prompt[c.name]["path_kl"], per_prompt[c.name][key], beta, log_z[beta])
+        rows[c.name]["kl_to_optimum"] = float((kl * mp).sum() / mp.sum())
 
 
 def _errors(evidence: Evidence, rows: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -145,6 +143,9 @@ def _errors(evidence: Evidence, rows: dict[str, dict[str, float]]) -> dict[str, 
                 if c.kind in ("realigned", "weight_scaled") and math.isfinite(err):
                     errors.setdefault((ref_kind, c.kind, m), []).append(err)
                     by_lambda.setdefault((ref_kind, c.lam, m), {})[c.kind] = err
+    for c in evidence.comparisons:  # which is nearer the optimum: the approximation or the retrained model?
+        if c.target and "kl_to_optimum" in rows[c.name] and "kl_to_optimum" in rows.get(c.target, {}):
+            out[f"closer/{c.name}"] = rows[c.name]["kl_to_optimum"] - rows[c.target]["kl_to_optimum"]
     for (ref_kind, lam, m), pair in by_lambda.items():
         if len(pair) == 2:
             out[f"diff/{ref_kind}/l{lam:g}/{m}"] = pair["realigned"] - pair["weight_scaled"]

@@ -256,6 +256,11 @@ def optimum_lines(results: dict[str, Any], evidence: Evidence, ivs: dict[str, In
     lines = [f"{r['name']}: unreliable (ESS {r['ess']:.0f} of {oracle['samples_per_prompt']} on its worst prompt, "
              f"below oracle.min_ess {oracle['min_ess']:g}); not used" for r in results["models"] if r["kind"] == "oracle" and not r["reliable"]]
     for c in evidence.comparisons:
+        diff = ivs.get(f"closer/{c.name}")
+        if diff is not None:
+            lines.append(f"{c.name} vs {c.target}, KL to the optimum at beta {evidence.models[c.name].effective_beta:.3g}: "
+                         f"{c.name} - {c.target} = {fmt(diff, True)} nats: {verdict(diff, c.name, c.target)}")
+    for c in evidence.comparisons:
         if c.kind != "retrained" or not c.oracle:
             continue
         gaps = [ivs[f"gap/oracle/{c.name}/{k}"] for k in (reward, "path_kl")]
