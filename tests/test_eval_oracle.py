@@ -171,3 +171,13 @@ def test_too_few_effective_samples_print_unreliable_and_stay_out_of_the_verdict(
     assert page.count("unreliable (ESS ") >= len(rows)
     assert not res.results["oracle_gaps"] and not [c for c in res.results["comparisons"] if c["reference"] == "oracle"]
     assert sum("unreliable (ESS" in line for line in res.results["verdict"]) == len(rows)
+
+
+def test_oracle_betas_meet_retrained_betas_despite_float_rounding():
+    from deradiff.eval.plan import LoraInfo, plan_variants
+    from deradiff.eval.validation import oracle_betas
+
+    anchor, retrained = LoraInfo("a", 0.08, "reward_grad", None), [LoraInfo("r", 0.1, "reward_grad", None)]
+    variants = plan_variants(anchor, retrained, [0.8, 2.0], weight_scaled=True)
+    assert 0.08 / 0.8 != 0.1 and oracle_betas(variants) == [0.04, 0.08, 0.1]
+

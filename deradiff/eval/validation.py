@@ -123,6 +123,11 @@ def oracle_evidence(images: torch.Tensor, prompts: Sequence[str], rewards: dict[
                           torch.stack([pairwise_distances(x) for x in grid]))
 
 
+def oracle_betas(variants: Sequence[Variant]) -> list[float]:
+    """Every evaluated strength once: 0.08 / 0.8 is 0.09999999999999999 in floats and must meet retrained 0.1."""
+    return sorted({float(f"{v.effective_beta:.12g}") for v in variants if v.kind != "base"})
+
+
 def worst_ess(oracle: OracleEvidence, beta: float) -> float:
     rewards = oracle.per_sample[oracle.tilt_key]
     return min(tilt(r, beta).ess for r in rewards)
@@ -280,7 +285,7 @@ def run_validation(cfg: EvalConfig, plan_: OraclePlan, variants: Sequence[Varian
     oracle = None
     reliable: dict[float, bool] = {}
     if oracle_images is not None:
-        betas = sorted({v.effective_beta for v in variants if v.kind != "base"})
+        betas = oracle_betas(variants)
         oracle = oracle_evidence(oracle_images, prompts, rewards, plan_.reward, betas)
         reliable = {b: worst_ess(oracle, b) >= cfg.oracle.min_ess for b in betas}
     evidence = Evidence(models, oracle, comparisons(variants, reliable), list(results["meta"]["metric_keys"]))
