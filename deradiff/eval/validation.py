@@ -125,7 +125,11 @@ def oracle_evidence(images: torch.Tensor, prompts: Sequence[str], rewards: dict[
 
 def oracle_betas(variants: Sequence[Variant]) -> list[float]:
     """Every evaluated strength once: 0.08 / 0.8 is 0.09999999999999999 in floats and must meet retrained 0.1."""
-    return sorted({float(f"{v.effective_beta:.12g}") for v in variants if v.kind != "base"})
+    betas: list[float] = []
+    for beta in sorted(v.effective_beta for v in variants if v.kind != "base"):
+        if not betas or not math.isclose(beta, betas[-1], rel_tol=1e-9):
+            betas.append(beta)
+    return betas
 
 
 def worst_ess(oracle: OracleEvidence, beta: float) -> float:
