@@ -12,6 +12,7 @@ from deradiff.config import load_config
 
 world = pytest.importorskip("deradiff.world")
 pytestmark = [
+    pytest.mark.slow,  # 5-6 min on 2 cores (two DPO trainings + preference data): CI runs it with the study claims
     pytest.mark.skipif(not (Path(world.TINY_MODEL_DIR) / "model_index.json").is_file(),
                        reason="tiny world model not built (deradiff tiny pretrain)"),
 ]
