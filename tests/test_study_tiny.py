@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from deradiff import study
@@ -74,7 +75,18 @@ def test_report_has_its_images_and_every_number_from_the_run(tiny_study):
     assert len(re.findall(r"src='data:image/png;base64,", page)) == len(results["plots"]) + len(results["grids"]) > 0
     saved = load_file(str(Path(cfg.output_dir) / "eval" / "samples.safetensors"))
     table = pd.read_csv(Path(cfg.output_dir) / "eval" / "results.csv").set_index("name")
-    for name in table.index:
+    for name in table.index[table["kind"] != "oracle"]:
         assert table.loc[name, "path_kl"] == pytest.approx(float(saved[f"{name}/path_kl"].mean()), rel=1e-5)
+    # oracle rows: the cached base samples re-weighted by exp(vividness / beta), prompt by prompt
+    from deradiff.rewards import get_reward
+
+    base = load_file(results["meta"]["oracle"]["cache"])["images"].float()
+    prompts = results["meta"]["config"]["prompts"]
+    images = base.view(len(prompts), -1, *base.shape[1:])
+    rewards = [get_reward("vividness")(x, [p] * len(x)).double() for x, p in zip(images, prompts)]
+    for name in table.index[table["kind"] == "oracle"]:
+        beta = table.loc[name, "effective_beta"]
+        expected = sum(float((torch.softmax(r / beta, 0) * r).sum()) for r in rewards) / len(rewards)
+        assert table.loc[name, "reward_vividness"] == pytest.approx(expected, rel=1e-5)
     markers = {p.stem: json.loads(p.read_text())["seconds"] for p in (Path(cfg.output_dir) / "stages").glob("*.json")}
     assert {s["stage"]: s["seconds"] for s in result.summary["accounting"]["stages"]} == markers
