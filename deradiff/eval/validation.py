@@ -150,10 +150,7 @@ def comparisons(variants: Sequence[Variant], reliable: dict[float, bool]) -> lis
 
 
 def intervals(evidence: Evidence, replicates: int, seed: int, confidence: float) -> dict[str, Interval]:
-    """Every number with its bootstrap interval (NaN bounds when replicates = 0)."""
-    if replicates == 0:
-        return {k: Interval(v, math.nan, math.nan) for k, v in estimate(evidence, {k: torch.ones(s, dtype=torch.float64)
-                                                                                   for k, s in count_shapes(evidence).items()}).items()}
+    """Every number with its bootstrap interval (replicates = 0: bootstrap's point estimates with NaN bounds)."""
     bar = tqdm(total=replicates, desc="bootstrap", unit="resample", leave=False)
     try:
         return bootstrap(lambda c: estimate(evidence, c), count_shapes(evidence), replicates, seed, confidence, bar.update)
