@@ -114,3 +114,19 @@ def replace_dir(src: Path, dst: Path) -> None:
 def content_key(data: Any) -> str:
     """A short, stable hash of anything JSON can write (stage markers and caches are keyed by it)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Refuse, before any work, an output folder that cannot be one: an existing file, a dangling link, or a
+    path below a file. Why: such paths otherwise fail only at the first write, after minutes of work."""
+    out = Path(path)
+    if out.is_symlink() and not out.exists():
+        raise DeradiffError(f"{key} '{out}' is a link to '{os.readlink(out)}', which does not exist")
+    if out.exists() and not out.is_dir():
+        raise DeradiffError(f"{key} '{out}' is a file; expected a folder (or a path that does not exist yet)")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DeradiffError(f"{key} '{out}' is inside '{parent}', which is a file")
+            break
+    return out

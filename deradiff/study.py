@@ -18,8 +18,10 @@ from typing import Any, Callable, Literal, Sequence
 
 from deradiff.config import config_to_dict, load_config, option
 from deradiff.errors import ConfigError
-from deradiff.fileio import content_key, write_text_atomic
+from deradiff.fileio import check_output_dir, content_key, write_text_atomic
+from deradiff.training.checkpoint import FINAL_LORA, check_resume, weight_settings
 from deradiff.training.config import TrackerSection
+from deradiff.training.lock import OutputDirLock
 
 
 REWARD_METHODS = ("ddpo", "reward_grad")  # beta in reward units: an oracle exists, the eval uses their sampler
@@ -158,14 +160,6 @@ def prefs_stage(cfg: StudyConfig) -> StageRecord | None:
     return run_stage(Path(cfg.output_dir), "prefs", key, generate)
 
 
-def weight_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A trainer config without what cannot change the trained weights (tracking, logging, checkpoint cadence),
-    so changing those never reruns a finished training stage."""
-    out = {k: v for k, v in config.items() if k != "tracker"}
-    out["train"] = {k: v for k, v in config["train"].items() if k not in ("log_every", "checkpoint_every", "keep_checkpoints")}
-    return out
-
-
 def train_stage(cfg: StudyConfig, beta: float, upstream: Sequence[str]) -> StageRecord:
     """Train one LoRA at `beta`; an interrupted run resumes from its latest checkpoint."""
     tcfg = train_config(cfg, beta)
@@ -173,7 +167,7 @@ def train_stage(cfg: StudyConfig, beta: float, upstream: Sequence[str]) -> Stage
 
     def train() -> dict[str, Any]:
         summary = trainer_spec(cfg.method).run(replace(tcfg, train=replace(tcfg.train, resume_from="latest")))
-        return {"lora_dir": str(summary["lora_dir"]), "beta": beta, "trainer_wall_s": summary.get("wall_s"),
+        return {"lora_dir": str(summary["lora_dir"]), "beta": beta, "train_wall_s": summary.get("train_wall_s"),
                 "outputs": [str(summary["lora_dir"])]}
 
     return run_stage(Path(cfg.output_dir), f"train-{cfg.method}-beta{beta:g}", key, train)
@@ -220,6 +214,13 @@ def savings_table(train_seconds: Sequence[float], retrained_img_s: float, realig
     return rows
 
 
+def train_seconds(trains: Sequence[StageRecord]) -> list[float]:
+    """Each LoRA's training loop time over all the runs that trained it (a stage that only resumed a finished
+    run, or was interrupted and resumed, still counts the work once)."""
+    recorded = [r.result.get("train_wall_s") for r in trains]
+    return [float(r.seconds if t is None else t) for r, t in zip(trains, recorded)]
+
+
 # The study runs every stage as one process on one device (the eval alone splits across devices when it is
 # launched on several, outside the study), so a stage's device-hours are its wall hours.
 STUDY_DEVICES = 1
@@ -234,11 +235,11 @@ def accounting(cfg: StudyConfig, records: Sequence[StageRecord], trains: Sequenc
         "stages": [{"stage": r.name, "seconds": r.seconds, "device_hours": r.seconds * STUDY_DEVICES / 3600,
                     "skipped_this_run": r.skipped} for r in records],
         "total_seconds": sum(r.seconds for r in records),
-        "train_seconds": [r.seconds for r in trains],
+        "train_seconds": train_seconds(trains),
         "images_per_strength": images,
         "retrained_image_s": ret_s,
         "realigned_image_s": real_s,
-        "savings": savings_table([r.seconds for r in trains], ret_s, real_s, images, cfg.sweep_sizes),
+        "savings": savings_table(train_seconds(trains), ret_s, real_s, images, cfg.sweep_sizes),
     }
 
 
@@ -337,14 +338,39 @@ def write_study_report(cfg: StudyConfig, results: dict[str, Any], acc: dict[str,
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     """All stages in order (finished ones skipped), then the report; returns the report path and summary."""
-    from tqdm.auto import tqdm
-
-    from deradiff.eval.tracking import wandb_group
-
     if cfg.threads > 0:
         import torch
 
         torch.set_num_threads(cfg.threads)
+    preflight(cfg)
+    with OutputDirLock(cfg.output_dir):  # two studies in one folder would mix their stages
+        records, trains = run_stages(cfg)
+        results = json.loads(Path(records[-1].result["results"]).read_text())
+        acc, found, converged = accounting(cfg, records, trains, results), findings(results), convergence(cfg, trains)
+        report, verdict = write_study_report(cfg, results, acc, found, converged)
+    return StudyResult(report=report, summary={"verdict": verdict, "convergence": converged, "findings": found, "accounting": acc},
+                       stages=records)
+
+
+def preflight(cfg: StudyConfig) -> None:
+    """What a stage would refuse, checked before the first one runs (preference generation alone takes minutes):
+    every output folder, every stage's config, and whether each train folder's earlier run may be continued."""
+    check_output_dir(cfg.output_dir)
+    loras = []
+    for beta in [cfg.beta0, *cfg.betas]:
+        tcfg = train_config(cfg, beta)
+        check_output_dir(tcfg.output_dir)
+        check_resume(tcfg.output_dir, replace(tcfg.train, resume_from="latest"), config_to_dict(tcfg))
+        loras.append(str(Path(tcfg.output_dir) / FINAL_LORA))
+    check_output_dir(eval_config(cfg, loras[0], loras[1:]).output_dir)
+
+
+def run_stages(cfg: StudyConfig) -> tuple[list[StageRecord], list[StageRecord]]:
+    """(every stage's record, the train stages' records), finished stages skipped."""
+    from tqdm.auto import tqdm
+
+    from deradiff.eval.tracking import wandb_group
+
     records: list[StageRecord] = []
     bar = tqdm(total=len(cfg.betas) + 3, desc="study", unit="stage")
     with wandb_group(study_group(cfg), "train"):
@@ -362,11 +388,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
         records.append(eval_stage(cfg, trains[0], trains[1:]))
         bar.update()
     bar.close()
-    results = json.loads(Path(records[-1].result["results"]).read_text())
-    acc, found, converged = accounting(cfg, records, trains, results), findings(results), convergence(cfg, trains)
-    report, verdict = write_study_report(cfg, results, acc, found, converged)
-    return StudyResult(report=report, summary={"verdict": verdict, "convergence": converged, "findings": found, "accounting": acc},
-                       stages=records)
+    return records, trains
 
 
 def format_summary(result: StudyResult) -> str:

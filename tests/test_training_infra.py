@@ -22,13 +22,13 @@ from deradiff.training.tracking import RecordingTracker
 from deradiff.training.trainer import NonFiniteLossError, Trainer, read_history
 
 
-def _setup(tmp_path, max_steps=4, checkpoint_every=0, resume_from=None, tracker=None):
+def _setup(tmp_path, max_steps=4, checkpoint_every=0, resume_from=None, tracker=None, overwrite=False):
     torch.manual_seed(0)
     unet = tiny_sd_pipeline().unet
     params = attach_lora(unet, rank=2)
     train = TrainSection(
         max_steps=max_steps, micro_batch_size=2, gradient_accumulation_steps=2, seed=3,
-        checkpoint_every=checkpoint_every, keep_checkpoints=0, resume_from=resume_from,
+        checkpoint_every=checkpoint_every, keep_checkpoints=0, resume_from=resume_from, overwrite=overwrite,
     )
     trainer = Trainer(train, OptimSection(lr=1e-2, warmup_steps=1), TrackerSection(backend="none"), str(tmp_path),
                       tracker_override=tracker or RecordingTracker())
@@ -172,11 +172,9 @@ def test_fresh_run_refuses_an_earlier_runs_folder_unless_overwrite(tmp_path):
     trainer, _, micro = _setup(tmp_path, max_steps=2, checkpoint_every=1)
     trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
     first = _lora(tmp_path)
-    trainer, _, micro = _setup(tmp_path, max_steps=2)
     with pytest.raises(DeradiffError, match=r"already holds a training run \(checkpoints/, lora/\).*resume_from=latest"):
-        trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
+        _setup(tmp_path, max_steps=2)  # refused when the trainer is built, before any model or data work
     assert all(torch.equal(first[k], v) for k, v in _lora(tmp_path).items())  # nothing lost
-    trainer, _, micro = _setup(tmp_path, max_steps=2)
-    trainer.train_cfg.overwrite = True
+    trainer, _, micro = _setup(tmp_path, max_steps=2, overwrite=True)
     trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
     assert not (tmp_path / "checkpoints").exists()  # the earlier run's checkpoints are gone, not mixed in

@@ -61,15 +61,19 @@ def write_parquet(rows: dict[str, list], path: str | os.PathLike) -> Path:
 def sample_pairs(pipe: Any, prompts: Sequence[str], pairs_per_prompt: int, num_inference_steps: int,
                  guidance_scale: float, seed: int, batch_prompts: int = 8) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(captions, images_0, images_1): two independent samples per (prompt, repeat), [N,3,H,W] in [0,1]."""
+    from tqdm.auto import tqdm
+
     captions = [p for p in prompts for _ in range(pairs_per_prompt)]
     a, b = [], []
-    for start in range(0, len(captions), batch_prompts):
-        chunk = captions[start : start + batch_prompts]
-        for out, offset in ((a, 0), (b, 1)):
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + 2 * (start + i) + offset) for i in range(len(chunk))]
-            images = pipe(list(chunk), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          generator=gens, output_type="pt").images
-            out.append(images.float().cpu())
+    with tqdm(total=len(captions), desc="prefs", unit="pair") as progress:
+        for start in range(0, len(captions), batch_prompts):
+            chunk = captions[start : start + batch_prompts]
+            for out, offset in ((a, 0), (b, 1)):
+                gens = [torch.Generator().manual_seed(seed * 1_000_003 + 2 * (start + i) + offset) for i in range(len(chunk))]
+                images = pipe(list(chunk), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              generator=gens, output_type="pt").images
+                out.append(images.float().cpu())
+            progress.update(len(chunk))
     return captions, torch.cat(a), torch.cat(b)
 
 

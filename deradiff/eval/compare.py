@@ -14,7 +14,7 @@ import torch
 
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
-from deradiff.fileio import atomic_path
+from deradiff.fileio import atomic_path, check_output_dir
 from deradiff.eval import report, validation
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
@@ -24,6 +24,7 @@ from deradiff.eval.scoring import FeatureFn, RewardFn, approximation_errors, cla
 from deradiff.eval.tracking import log_eval
 from deradiff.eval.variants import Variant
 from deradiff.training.lock import OutputDirLock
+from deradiff.training.tracking import retire_runs
 
 RESULTS = "results.json"
 NOTES = ("LPIPS is not computed (no LPIPS weights offline); KID uses {features} features "
@@ -45,10 +46,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_results_absent(out: Path, overwrite: bool) -> None:
     """Refuse to replace finished results unless asked: an eval can take hours on real models."""
     if (out / RESULTS).exists() and not overwrite:
         raise DeradiffError(f"'{out}' already holds eval results ({RESULTS}); pass overwrite=true or pick another output_dir")
+
+
+def check_inputs(cfg: EvalConfig, prompts: Sequence[str]) -> None:
+    """What the numbers need, checked before any model loads: diversity and every interval compare images
+    across seeds of one prompt, so one seed would sample for hours and then have nothing to report."""
+    if not prompts:
+        raise DeradiffError(f"the eval has no prompts (prompts={cfg.prompts}, num_prompts={cfg.num_prompts}); "
+                            "give a prompt list or num_prompts >= 1")
+    if len(set(cfg.seeds)) < 2 or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise DeradiffError(f"config key 'seeds' needs at least 2 distinct seeds, got {cfg.seeds}")
 
 
 def eval_prompts(cfg: EvalConfig) -> list[str]:
@@ -94,6 +105,7 @@ def run_eval(cfg: EvalConfig, loader: Loader = load_lora_pipeline, rewards: dict
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     main = process_state().is_main_process
+    check_output_dir(cfg.output_dir)
     with OutputDirLock(cfg.output_dir) if main else contextlib.nullcontext():
         return _run_eval(cfg, loader, rewards, features, tracker_factory)
 
@@ -103,7 +115,9 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
     """run_eval while holding the output folder's lock (main process)."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
+    check_results_absent(out, cfg.overwrite)
+    prompts, device = eval_prompts(cfg), resolve_device(cfg.device)
+    check_inputs(cfg, prompts)
     anchor, variants = plan(cfg)
     base_model = cfg.base_model or anchor.base_model
     if not base_model:
@@ -114,7 +128,6 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
     if oracle.reward is not None and oracle.reward not in rewards:
         raise DeradiffError(f"the oracle tilts by the anchor's reward '{oracle.reward}', which is not among the scored rewards")
     features = feature_fn(cfg.kid_features) if features == "config" else features
-    prompts, device = eval_prompts(cfg), resolve_device(cfg.device)
     jobs = make_jobs(prompts, cfg.seeds)
     samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, device)
     oracle_images, oracle_meta = None, validation.describe(oracle, cfg.oracle)
@@ -127,6 +140,7 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
     results = build_results(cfg, anchor, base_model, variants, samples, jobs, rewards, features)
     validation.run_validation(cfg, oracle, variants, samples, jobs, prompts, rewards, results, oracle_images, oracle_meta)
     path = write_outputs(out, cfg, variants, samples, jobs, results)
+    retire_runs(out)  # the previous eval's W&B runs describe results that were just replaced
     log_eval(cfg, variants, samples, jobs, results, out, tracker_factory)
     return EvalResult(report=path, results=results, seconds=time.perf_counter() - start)
 
@@ -147,11 +161,14 @@ def build_results(cfg: EvalConfig, anchor: Any, base_model: str, variants: Seque
 
 def write_outputs(out: Path, cfg: EvalConfig, variants: Sequence[Variant], samples: dict[str, VariantSamples],
                   jobs: Sequence[Job], results: dict[str, Any]) -> Path:
-    """Plots, grids, samples, results and the HTML report, under `out`."""
+    """Results first (the numbers survive whatever happens to a figure), then plots, grids, samples, the
+    results again with the figure paths, and the HTML report, under `out`."""
+    report.write_results(out, results)
     for sub in ("plots", "grids"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rewards = [k for k in results["meta"]["metric_keys"] if k.startswith("reward_")]
-    results["plots"] = report.write_plots(out, results["models"], results["meta"]["metric_keys"], rewards[0] if rewards else None)
+    results["plots"], results["skipped_plots"] = report.write_plots(out, results["models"], results["meta"]["metric_keys"],
+                                                                    rewards[0] if rewards else None)
     results["grids"] = report.write_grids(out, samples, [v.name for v in variants], jobs, cfg.grid_prompts, cfg.grid_seeds)
     if cfg.save_samples:
         save_samples(out / "samples.safetensors", samples)

@@ -69,7 +69,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], key: str, path: Path) -> None:
     """Metric vs effective beta (log x) per family, with bootstrap interval bars where computed; base as a line."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for kind, style, label in CURVES:
-        picked = curve_rows(rows, kind)
+        picked = [r for r in curve_rows(rows, kind) if math.isfinite(r[key])]
         if len(picked) < 2:
             continue
         xs, ys = [r["effective_beta"] for r in picked], [r[key] for r in picked]
@@ -89,7 +89,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None
     fig, ax = plt.subplots(figsize=(5, 3.4))
     base = next(r for r in rows if r["kind"] == "base")
     for kind, style, label in CURVES:
-        pts = sorted((r["path_kl"], r[reward]) for r in rows if in_curve(r, kind))
+        pts = sorted((r["path_kl"], r[reward]) for r in rows if in_curve(r, kind) and math.isfinite(r["path_kl"] + r[reward]))
         if not pts:
             continue
         pts = [(base["path_kl"], base[reward])] + pts
@@ -144,18 +144,32 @@ def write_grids(out: Path, samples: dict[str, VariantSamples], names: Sequence[s
     return grids
 
 
-def write_plots(out: Path, rows: Sequence[dict[str, Any]], metric_keys: Sequence[str], reward: str | None) -> list[str]:
-    """Metric-vs-beta plots for every metric plus the reward/path-KL Pareto plot; relative paths."""
-    files = []
+def write_plots(out: Path, rows: Sequence[dict[str, Any]], metric_keys: Sequence[str],
+                reward: str | None) -> tuple[list[str], list[str]]:
+    """Metric-vs-beta plots for every metric plus the reward/path-KL Pareto plot: (relative paths, notes on the
+    plots skipped because their numbers are not finite)."""
+    files, skipped = [], []
     for key in metric_keys:
+        if not plottable(rows, key):
+            skipped.append(f"{key} vs beta not drawn: the base model's {key} or every curve's values are not finite")
+            continue
         rel = f"plots/{key}_vs_beta.png"
         plot_metric(rows, key, out / rel)
         files.append(rel)
-    if reward is not None:
+    if reward is not None and plottable(rows, reward) and plottable(rows, "path_kl"):
         rel = f"plots/pareto_{reward}_vs_path_kl.png"
         plot_pareto(rows, reward, out / rel)
         files.append(rel)
-    return files
+    elif reward is not None:
+        skipped.append(f"{reward} vs path KL not drawn: values are not finite")
+    return files, skipped
+
+
+def plottable(rows: Sequence[dict[str, Any]], key: str) -> bool:
+    """A finite base value and at least one curve with two finite points."""
+    base = next(r[key] for r in rows if r["kind"] == "base")
+    curves = [[r for r in curve_rows(rows, kind) if math.isfinite(r[key])] for kind, _, _ in CURVES]
+    return math.isfinite(base) and any(len(c) >= 2 for c in curves)
 
 
 def _embed(path: Path) -> str:
@@ -216,6 +230,7 @@ def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: P
         extra_html,
         "<h2>Models (bracketed: bootstrap interval)</h2>", html_table(results["models"], model_keys, estimated),
         "<h2>Plots</h2>", "".join(f"<img src='{_embed(out / f)}' alt='{html.escape(f)}'>" for f in results["plots"]),
+        "".join(f"<p>{html.escape(note)}</p>" for note in results.get("skipped_plots", [])),
         "<h2>Image grids (rows: models; columns: seeds)</h2>",
         "".join(f"<h3>{html.escape(g['prompt'])}</h3><img src='{_embed(out / g['file'])}' alt='{html.escape(g['file'])}'>" for g in results["grids"]),
         "<h2>Per-lambda approximation errors</h2>",

@@ -25,6 +25,41 @@ FINAL_LORA = "lora"  # the trained adapter, output_dir/lora
 STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
+# Config keys that cannot change the trained weights: where and how often to log, save and resume, and caches.
+# Everything else (data, model, LoRA, optimizer, loss, seeds, batch shape, precision) must match to resume.
+NOT_WEIGHTS = frozenset({
+    "output_dir", "tracker", "data.cache_dir", "data.generate_if_missing", "ddpo.log_images",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.resume_from", "train.overwrite",
+})
+# Schedules whose learning rate at a step depends on max_steps: extending such a run is not the same training.
+_LR_DEPENDS_ON_LENGTH = ("linear", "cosine")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys users write as overrides."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def weight_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config keys that determine the trained weights (all but NOT_WEIGHTS), JSON-normalized."""
+    flat = json.loads(json.dumps(flatten(config), default=str))
+    return {k: v for k, v in flat.items() if k not in NOT_WEIGHTS and not any(k.startswith(f"{n}.") for n in NOT_WEIGHTS)}
+
+
+def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every weight setting that differs. A longer run may continue a shorter one
+    (max_steps) unless the learning-rate schedule depends on the run's length."""
+    ignore = set() if current.get("optim.lr_scheduler") in _LR_DEPENDS_ON_LENGTH else {"train.max_steps"}
+    keys = sorted((set(saved) | set(current)) - ignore)
+    missing = "(not set)"
+    return [f"{k}: {saved.get(k, missing)} -> {current.get(k, missing)}" for k in keys if saved.get(k, missing) != current.get(k, missing)]
+
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
@@ -50,6 +85,40 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Pa
     if not (path / STATE_NAME).is_file():
         raise DeradiffError(f"resume_from '{resume_from}' is not a checkpoint folder (no {STATE_NAME} in it)")
     return path
+
+
+def check_resume(output_dir: str | os.PathLike, train: Any, config: dict[str, Any],
+                 inputs: dict[str, str] | None = None) -> tuple[Path | None, str | None]:
+    """(checkpoint to continue or None, why an earlier run will be discarded or None) for a trainer config
+    (`train`: its TrainSection, `config`: the whole config as a dict, `inputs`: fingerprints of its inputs
+    once loaded, e.g. the data's, compared where the checkpoint recorded them). Raises when the config asks to continue
+    a run it does not describe, or to start over a run without `train.overwrite`. No side effects, so it runs
+    before any loading (a refused run fails in seconds) and again under the output lock."""
+    if train.resume_from is None:
+        check_fresh_start(output_dir, train.overwrite, remove=False)
+        return None, None
+    path = resolve_resume(output_dir, train.resume_from)
+    problem = resume_problem(path, train.max_steps, weight_settings(config), inputs or {}) if path else None
+    if problem and not train.overwrite:
+        raise DeradiffError(f"{problem}; pass train.overwrite=true to discard it and start fresh, or use another output_dir")
+    return (None, problem) if problem else (path, None)
+
+
+def resume_problem(path: Path, max_steps: int, settings: dict[str, Any], inputs: dict[str, str]) -> str | None:
+    """Why continuing checkpoint `path` would not be the training `settings` and `inputs` describe (None when
+    it would). Inputs catch what a config cannot: a data file replaced under the same path."""
+    state = json.loads((path / STATE_NAME).read_text())
+    if state["step"] > max_steps:
+        return f"checkpoint '{path}' is at step {state['step']}, past train.max_steps={max_steps}"
+    if "settings" not in state:  # written before deradiff recorded settings: nothing to compare
+        return None
+    saved_inputs = state.get("inputs", {})
+    diff = settings_mismatch(state["settings"], settings)
+    diff += [f"{k}: {saved_inputs[k]} -> {v}" for k, v in inputs.items() if k in saved_inputs and saved_inputs[k] != v]
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        return f"checkpoint '{path}' was trained with other settings ({shown})"
+    return None
 
 
 def save_checkpoint(

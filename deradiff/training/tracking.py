@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -120,3 +121,19 @@ def make_tracker(section: TrackerSection, output_dir: str, is_main_process: bool
     if not is_main_process or section.backend == "none" or section.mode == "disabled":
         return NullTracker()
     return WandbTracker(section, run_dir=output_dir, default_name=os.path.basename(os.path.abspath(output_dir)))
+
+
+RETIRED = "replaced"  # output_dir/wandb/replaced/: runs of results that were replaced, out of `wandb sync`'s globs
+
+
+def retire_runs(output_dir: str | os.PathLike) -> list[Path]:
+    """Move the W&B run folders of an earlier run of this output folder into wandb/replaced/, so that the
+    README's `wandb sync <dir>/wandb/offline-run-*` uploads only the runs of the results now on disk.
+    Kept, not deleted: they may be the only record of what was replaced."""
+    root = Path(output_dir) / "wandb"
+    runs = sorted(p for p in root.glob("*run-*") if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+    for run in runs:
+        target = root / RETIRED / run.name
+        target.parent.mkdir(exist_ok=True)
+        os.replace(run, target if not target.exists() else target.with_name(f"{run.name}-{os.getpid()}"))
+    return runs

@@ -30,12 +30,14 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from deradiff.errors import DeradiffError
-from deradiff.fileio import write_text_atomic
+from deradiff.fileio import check_output_dir, write_text_atomic
 from deradiff.models.lora import save_lora
-from deradiff.training.checkpoint import FINAL_LORA, check_fresh_start, load_checkpoint, resolve_resume, save_checkpoint
+from deradiff.training.checkpoint import (
+    FINAL_LORA, check_fresh_start, check_resume, load_checkpoint, save_checkpoint, weight_settings,
+)
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
 from deradiff.training.lock import OutputDirLock
-from deradiff.training.tracking import Tracker, make_tracker
+from deradiff.training.tracking import Tracker, make_tracker, retire_runs
 
 MicroLossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
 StepFn = Callable[[int], dict[str, float]]
@@ -99,6 +101,7 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], optim: OptimSection, lr
 
 
 HISTORY = "history.jsonl"
+INPUT_FINGERPRINTS = ("data_fingerprint",)  # metadata keys naming a loaded input's content (DPO's preference data)
 
 
 def read_history(output_dir: Path, upto: int) -> list[dict[str, float]]:
@@ -127,11 +130,16 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.config_dict = config_dict or {}
         self.sample_unit = sample_unit
+        check_output_dir(output_dir, "output_dir")
         self.accelerator = build_accelerator(train, output_dir)
         self._tracker_override = tracker_override
         self.tracker: Tracker | None = None
         self.model: torch.nn.Module | None = None
         self.params: list[torch.nn.Parameter] = []
+        self._wall_before = 0.0  # loop seconds of the earlier runs this one resumes (0 when fresh)
+        self._t0 = time.perf_counter()  # start of this run's loop
+        self.inputs: dict[str, str] = {}  # fingerprints of loaded inputs (set by `run`), checked on resume
+        check_resume(self.output_dir, train, self.config_dict)  # refused before the caller loads models or data
 
     # ---- facts about this launch -------------------------------------------------------------------
     @property
@@ -233,11 +241,13 @@ class Trainer:
 
     def _run_locked(self, step_fn: StepFn, metadata: dict[str, Any]) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.train_cfg
+        self.inputs = {k: str(metadata[k]) for k in INPUT_FINGERPRINTS if k in metadata}
+        start = self._resume()  # first: a refused run logs nothing
         self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process)
-        start = self._resume()
         self._announce(start)
         self.history = read_history(self.output_dir, start)
-        t0, last, step = time.perf_counter(), {}, start
+        last, step = {}, start
+        self._t0 = t0 = time.perf_counter()
         # closed on errors too, so an error line never lands on the unfinished progress-bar line
         with tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train") as progress:
             for step in range(start, cfg.max_steps):
@@ -263,17 +273,27 @@ class Trainer:
             write_text_atomic(self.output_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def _resume(self) -> int:
-        path = resolve_resume(self.output_dir, self.train_cfg.resume_from)
-        if self.train_cfg.resume_from is None:
-            check_fresh_start(self.output_dir, self.train_cfg.overwrite, remove=self.accelerator.is_main_process)
-            self.accelerator.wait_for_everyone()
+        path, discarded = check_resume(self.output_dir, self.train_cfg, self.config_dict, self.inputs)
+        if discarded:
+            self.accelerator.print(f"{discarded}; starting fresh (train.overwrite=true)")
+        if self.train_cfg.resume_from is None or discarded:
+            self._start_fresh()
         if path is None:
             return 0
         state = load_checkpoint(self.accelerator, path)
         if state.get("world_size") not in (None, self.world_size):
             self.accelerator.print(f"note: resuming a {state['world_size']}-process run with {self.world_size} processes")
         self.accelerator.print(f"resumed from {path} at step {state['step']}")
+        self._wall_before = float(state.get("wall_s", 0.0))
         return int(state["step"])
+
+    def _start_fresh(self) -> None:
+        """Clear an earlier run in output_dir (`check_resume` allowed it), its W&B runs retired."""
+        main = self.accelerator.is_main_process
+        check_fresh_start(self.output_dir, True, remove=main)
+        if main:
+            retire_runs(self.output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _announce(self, start: int) -> None:
         cfg = self.train_cfg
@@ -303,9 +323,14 @@ class Trainer:
             "world_size": self.world_size,
         }
 
+    def train_seconds(self) -> float:
+        """Loop wall time of the whole training so far, the runs it resumed included."""
+        return round(self._wall_before + time.perf_counter() - self._t0, 3)
+
     def checkpoint(self, step: int, metadata: dict[str, Any]) -> Path:
         """Resumable state at `step` (collective; every rank must call)."""
-        state = {"step": step, "world_size": self.world_size, "seed": self.train_cfg.seed}
+        state = {"step": step, "world_size": self.world_size, "seed": self.train_cfg.seed,
+                 "settings": weight_settings(self.config_dict), "inputs": self.inputs, "wall_s": self.train_seconds()}
         return save_checkpoint(
             self.accelerator,
             self.output_dir,
@@ -342,6 +367,7 @@ class Trainer:
             "steps_run": steps,
             "final_step": self.train_cfg.max_steps,
             "wall_s": round(elapsed, 3),
+            "train_wall_s": round(self._wall_before + elapsed, 3),  # with the runs this one resumed
             f"{self.sample_unit}_per_s": round(rate, 3),
             "effective_batch_size": self.effective_batch_size,
             "world_size": self.world_size,

@@ -1,0 +1,103 @@
+"""The eval fails before it samples when its inputs cannot give results, writes its numbers before any figure,
+skips (with a note) a figure it cannot draw, and retires the W&B runs of the results a rerun replaces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deradiff.config import load_config
+from deradiff.errors import DeradiffError
+from deradiff.eval import compare
+from deradiff.eval.compare import run_eval
+from deradiff.eval.config import EvalConfig
+from deradiff.testing import save_random_lora, tiny_sd_pipeline
+
+BETA0 = 1.0
+
+
+def brightness(images: torch.Tensor, prompts) -> torch.Tensor:
+    return images.mean(dim=(1, 2, 3))
+
+
+def not_a_number(images: torch.Tensor, prompts) -> torch.Tensor:
+    return torch.full((images.shape[0],), math.nan)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-faults")
+    tiny_sd_pipeline(seed=0).save_pretrained(root / "base")
+    meta = {"base_model": str(root / "base"), "method": "dpo"}
+    anchor = save_random_lora(root / "anchor", {**meta, "beta": BETA0}, 1.0)
+    retrained = [save_random_lora(root / "b0.5", {**meta, "beta": 0.5}, 2.0)]
+    return anchor, retrained
+
+
+def _config(out, loras, *extra: str) -> EvalConfig:
+    anchor, retrained = loras
+    overrides = [f"output_dir={out}", f"anchor_lora={anchor}", f"retrained_loras={json.dumps(retrained)}",
+                 "prompts=[red circle]", "seeds=[0, 1]", "sampling.steps=2", "extra_lambdas=[]", "kid_features=none",
+                 "tracker.backend=none", "bootstrap.replicates=20", "grid_seeds=2", *extra]
+    return load_config(EvalConfig, None, overrides)
+
+
+def never_loads(*args):
+    raise AssertionError("the eval loaded a model before refusing its input")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["seeds=[0]"], "at least 2 distinct seeds"),
+    (["seeds=[3, 3]"], "distinct seeds"),
+    (["prompts=null", "num_prompts=0"], "no prompts"),
+])
+def test_inputs_that_cannot_give_results_are_refused_before_sampling(loras, tmp_path, extra, message):
+    """Was: one seed sampled and scored every model, then crashed drawing a NaN diversity; num_prompts=0 failed
+    late with a shape error."""
+    with pytest.raises(DeradiffError, match=message):
+        run_eval(_config(tmp_path / "out", loras, *extra), loader=never_loads, rewards={"brightness": brightness})
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_figure_that_cannot_be_drawn_is_skipped_with_a_note(loras, tmp_path):
+    out = tmp_path / "out"
+    result = run_eval(_config(out, loras), rewards={"brightness": brightness, "nan": not_a_number})
+    saved = json.loads((out / "results.json").read_text())
+    assert any("reward_nan vs beta not drawn" in note for note in saved["skipped_plots"])
+    assert "plots/reward_brightness_vs_beta.png" in saved["plots"]
+    assert not (out / "plots" / "reward_nan_vs_beta.png").exists()
+    assert "reward_nan vs beta not drawn" in result.report.read_text()
+
+
+def test_results_are_on_disk_before_any_figure(loras, tmp_path, monkeypatch):
+    """A plotting failure (here: a broken matplotlib backend) must not lose hours of sampling."""
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(compare.report, "plot_metric", broken)
+    with pytest.raises(RuntimeError, match="no display"):
+        run_eval(_config(out, loras), rewards={"brightness": brightness})
+    saved = json.loads((out / "results.json").read_text())
+    assert {r["name"] for r in saved["models"]} >= {"base", "retrained-b1", "retrained-b0.5", "realigned-l2"}
+
+
+def test_a_rerun_retires_the_w_and_b_runs_of_the_results_it_replaces(loras, tmp_path):
+    out = tmp_path / "out"
+    run_eval(_config(out, loras), rewards={"brightness": brightness})
+    stale = out / "wandb" / "offline-run-20260101_000000-old"
+    stale.mkdir(parents=True)
+    run_eval(_config(out, loras, "overwrite=true"), rewards={"brightness": brightness})
+    assert not stale.exists() and (out / "wandb" / "replaced" / stale.name).is_dir()
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_sampling(loras, tmp_path, kind):
+    out = tmp_path / "out"
+    out.write_text("x") if kind == "file" else out.symlink_to(tmp_path / "gone")
+    with pytest.raises(DeradiffError, match=f"output_dir '{out}'"):
+        run_eval(_config(out, loras), loader=never_loads, rewards={"brightness": brightness})
