@@ -101,3 +101,18 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_sampling(loras,
     out.write_text("x") if kind == "file" else out.symlink_to(tmp_path / "gone")
     with pytest.raises(DeradiffError, match=f"output_dir '{out}'"):
         run_eval(_config(out, loras), loader=never_loads, rewards={"brightness": brightness})
+
+
+def test_an_eval_refused_by_the_lock_samples_and_logs_nothing(loras, tmp_path):
+    import os
+    import socket
+
+    from deradiff.training.lock import LOCK_NAME
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(DeradiffError, match="in use by another run"):
+        run_eval(_config(out, loras, "tracker.backend=wandb", "tracker.mode=offline"), loader=never_loads,
+                 rewards={"brightness": brightness})
+    assert not (out / "wandb").exists()

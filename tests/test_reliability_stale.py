@@ -218,3 +218,19 @@ def test_resume_on_a_replaced_data_file_is_refused(tmp_path, capsys):
     write_pairs(assets["data"], 8, seed=1)
     code, _, err = run_cli(train_args(assets["config"], out, STEPS, "train.resume_from=latest"), capsys)
     assert_one_line_error(code, err, "data_fingerprint: ")
+
+
+def test_a_run_refused_by_the_lock_creates_no_w_and_b_run(finished, tmp_path, capsys):
+    """Another live process (here: pytest's parent) holds the output folder: refused, and nothing logged."""
+    import os
+    import socket
+
+    from deradiff.training.lock import LOCK_NAME
+
+    assets, _ = finished
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    code, _, err = run_cli(train_args(assets["config"], out, STEPS, "tracker.backend=wandb", "tracker.mode=offline"), capsys)
+    assert_one_line_error(code, err, "in use by another run", f"pid {os.getppid()}")
+    assert not (out / "wandb").exists()
