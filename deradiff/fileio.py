@@ -130,3 +130,12 @@ def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
                 raise DeradiffError(f"{key} '{out}' is inside '{parent}', which is a file")
             break
     return out
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """The JSON content of a file deradiff wrote; a damaged one is a one-line error naming it (everything it
+    writes is atomic, so damage means an outside edit or a failing disk)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DeradiffError(f"{what} '{path}' is not valid JSON ({exc}); delete it to redo the work it records") from None

@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from deradiff.config import config_to_dict, load_config, option
 from deradiff.errors import ConfigError
-from deradiff.fileio import check_output_dir, content_key, write_text_atomic
+from deradiff.fileio import check_output_dir, content_key, read_json, write_text_atomic
 from deradiff.training.checkpoint import FINAL_LORA, check_resume, weight_settings
 from deradiff.training.config import TrackerSection
 from deradiff.training.lock import OutputDirLock
@@ -88,7 +88,7 @@ def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[s
     marker = study_dir / "stages" / f"{name}.json"
     key = stage_key(key_data)
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        done = read_json(marker, "stage marker")
         if done.get("key") == key and all(Path(p).exists() for p in done["result"].get("outputs", [])):
             return StageRecord(name, key, done["seconds"], done["result"], skipped=True)
     start = time.perf_counter()
@@ -345,7 +345,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     preflight(cfg)
     with OutputDirLock(cfg.output_dir):  # two studies in one folder would mix their stages
         records, trains = run_stages(cfg)
-        results = json.loads(Path(records[-1].result["results"]).read_text())
+        results = read_json(records[-1].result["results"], "eval results")
         acc, found, converged = accounting(cfg, records, trains, results), findings(results), convergence(cfg, trains)
         report, verdict = write_study_report(cfg, results, acc, found, converged)
     return StudyResult(report=report, summary={"verdict": verdict, "convergence": converged, "findings": found, "accounting": acc},

@@ -234,3 +234,29 @@ def test_a_run_refused_by_the_lock_creates_no_w_and_b_run(finished, tmp_path, ca
     code, _, err = run_cli(train_args(assets["config"], out, STEPS, "tracker.backend=wandb", "tracker.mode=offline"), capsys)
     assert_one_line_error(code, err, "in use by another run", f"pid {os.getppid()}")
     assert not (out / "wandb").exists()
+
+
+@pytest.mark.parametrize("damaged, named", [
+    ("checkpoints/step-00000004/trainer_state.json", "checkpoint state"),
+    ("history.jsonl", "training history"),
+    (".deradiff.lock", "lock file"),
+])
+def test_a_damaged_record_of_a_run_is_one_clear_error(finished, tmp_path, capsys, damaged, named):
+    """Files deradiff writes atomically, damaged from outside: named, never a JSON traceback (exit 1)."""
+    import shutil
+
+    assets, out = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / damaged).write_text("{not json")
+    code, _, err = run_cli(train_args(assets["config"], copy, STEPS, "train.resume_from=latest"), capsys)
+    assert_one_line_error(code, err, named, damaged.split("/")[-1])
+
+
+def test_a_damaged_stage_marker_is_one_clear_error(finished, tmp_path):
+    assets, _ = finished
+    cfg = _study(assets, tmp_path)
+    record = study.train_stage(cfg, 5000.0, [])
+    (tmp_path / "stages" / f"{record.name}.json").write_text("{not json")
+    with pytest.raises(DeradiffError, match=r"stage marker .*is not valid JSON.*delete it"):
+        study.train_stage(cfg, 5000.0, [])

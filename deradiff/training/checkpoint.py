@@ -18,7 +18,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 
 from deradiff.errors import DeradiffError
-from deradiff.fileio import remove_dir, replace_dir
+from deradiff.fileio import read_json, remove_dir, replace_dir
 
 CHECKPOINTS = "checkpoints"
 FINAL_LORA = "lora"  # the trained adapter, output_dir/lora
@@ -107,7 +107,7 @@ def check_resume(output_dir: str | os.PathLike, train: Any, config: dict[str, An
 def resume_problem(path: Path, max_steps: int, settings: dict[str, Any], inputs: dict[str, str]) -> str | None:
     """Why continuing checkpoint `path` would not be the training `settings` and `inputs` describe (None when
     it would). Inputs catch what a config cannot: a data file replaced under the same path."""
-    state = json.loads((path / STATE_NAME).read_text())
+    state = read_json(path / STATE_NAME, "checkpoint state")
     if state["step"] > max_steps:
         return f"checkpoint '{path}' is at step {state['step']}, past train.max_steps={max_steps}"
     if "settings" not in state:  # written before deradiff recorded settings: nothing to compare

@@ -62,6 +62,8 @@ class OutputDirLock:
         if pid == os.getpid() and host == socket.gethostname():
             self.path.unlink(missing_ok=True)
             return
+        if not isinstance(pid, int):
+            raise DeradiffError(f"lock file {self.path} is unreadable; delete it if no run is using this output_dir")
         raise DeradiffError(
             f"output_dir '{self.path.parent}' is in use by another run (pid {pid} on {host}); "
             f"pick another output_dir or delete {self.path} if that run is gone"

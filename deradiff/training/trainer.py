@@ -109,7 +109,10 @@ def read_history(output_dir: Path, upto: int) -> list[dict[str, float]]:
     path = Path(output_dir) / HISTORY
     if upto == 0 or not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise DeradiffError(f"training history '{path}' is damaged ({exc}); delete it (the curves restart) to resume") from None
     return [r for r in rows if r.get("step", 0) <= upto]
 
 
