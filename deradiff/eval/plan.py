@@ -9,7 +9,7 @@ from typing import Sequence
 from deradiff.errors import DeradiffError
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.variants import Variant
-from deradiff.models.pipelines import read_lora_metadata
+from deradiff.models.pipelines import check_lora_dir, read_lora_metadata
 
 REL_TOL = 1e-6
 
@@ -27,8 +27,10 @@ class LoraInfo:
     sampler: dict[str, float] | None = None  # the training sampler: num_steps, eta, guidance_scale
 
 
-def read_lora(path: str) -> LoraInfo:
-    """LoraInfo from a LoRA folder's deradiff metadata (beta is required: it places the model on the curve)."""
+def read_lora(path: str, key: str) -> LoraInfo:
+    """LoraInfo from a LoRA folder's deradiff metadata (beta is required: it places the model on the curve).
+    The folder is checked first (missing, text-encoder layers, non-finite weights): the eval fails before sampling."""
+    check_lora_dir(path, key)
     meta = read_lora_metadata(path)
     if meta is None or meta.get("beta") is None:
         raise DeradiffError(f"LoRA '{path}' has no deradiff metadata with a beta; eval needs each LoRA's KL strength")
@@ -76,7 +78,7 @@ def target_of(variant: Variant, variants: Sequence[Variant]) -> Variant | None:
 
 def plan(cfg: EvalConfig) -> tuple[LoraInfo, list[Variant]]:
     """The anchor and the full list of variants for a config."""
-    anchor = read_lora(cfg.anchor_lora)
-    retrained = [read_lora(p) for p in cfg.retrained_loras]
+    anchor = read_lora(cfg.anchor_lora, "anchor_lora")
+    retrained = [read_lora(p, f"retrained_loras[{i}]") for i, p in enumerate(cfg.retrained_loras)]
     lambdas = cfg.lambdas if cfg.lambdas is not None else default_lambdas(anchor.beta, [r.beta for r in retrained], cfg.extra_lambdas)
     return anchor, plan_variants(anchor, retrained, lambdas, cfg.weight_scaled)

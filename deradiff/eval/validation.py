@@ -43,7 +43,7 @@ def oracle_plan(cfg: EvalConfig, anchor: LoraInfo) -> OraclePlan:
     if cfg.oracle.enabled == "off":
         return OraclePlan("no oracle: oracle.enabled is off", None)
     s = cfg.sampling
-    reason = applicability(anchor, [read_lora(p) for p in cfg.retrained_loras],
+    reason = applicability(anchor, [read_lora(p, f"retrained_loras[{i}]") for i, p in enumerate(cfg.retrained_loras)],
                            {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
     if reason is None and (s.height or s.width):
         reason = "no oracle: sampling.height/width differ from the training resolution"

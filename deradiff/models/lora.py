@@ -23,6 +23,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from deradiff.errors import DeradiffError
 from deradiff.fileio import match_umask, replace_dir
 from deradiff.models.pipelines import LORA_METADATA
 
@@ -59,10 +60,11 @@ def attach_lora(
         init_lora_weights=init,
         target_modules=list(target_modules),
     )
+    names = [name for name, _ in unet.named_modules()]
+    if not any(n == t or n.endswith(f".{t}") for n in names for t in target_modules):  # peft's suffix rule
+        raise DeradiffError(f"config key 'lora.target_modules' {list(target_modules)} matches no layer of the UNet")
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"LoRA target modules {list(target_modules)} matched no layer of the UNet")
     for p in params:  # LoRA weights train in fp32 even when the frozen base is bf16/fp16
         p.data = p.data.float()
     return params

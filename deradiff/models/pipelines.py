@@ -8,6 +8,7 @@ from safetensors only (`.bin` files are pickles that can run code when loaded).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from deradiff.errors import DeradiffError
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_METADATA = "deradiff_metadata.json"  # written by deradiff.models.lora.save_lora
 LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # read by deradiff.realign.api for the default beta
+# Key prefixes of text-encoder LoRA layers: diffusers' format, then kohya's (lora_te_, lora_te1_, lora_te2_).
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -94,6 +97,7 @@ def load_lora(pipe: Any, lora_dir: str | Path, adapter_name: str | None = None) 
     """
     folder = Path(lora_dir).expanduser()
     weight_name = _lora_weight_file(folder)
+    check_lora_file(folder / weight_name)
     metadata = read_lora_metadata(folder)
     before = _adapter_names(pipe)
     try:
@@ -154,3 +158,43 @@ def _first_line(exc: BaseException, prefer: str = "") -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     preferred = [line for line in lines if prefer and prefer in line]
     return (preferred or lines or [type(exc).__name__])[0]
+
+
+def check_lora_dir(lora_dir: str | os.PathLike, key: str = "lora_dir") -> None:
+    """Refuse, before anything loads, a LoRA folder deradiff cannot sample correctly: a missing folder, or a
+    weights file that adapts a text encoder or holds non-finite values (see `check_lora_file`). `key`: the
+    config key that named the folder."""
+    folder = Path(lora_dir).expanduser()
+    if not folder.exists():
+        raise DeradiffError(f"config key '{key}': LoRA folder '{folder}' does not exist (expected a folder with {LORA_WEIGHTS})")
+    if folder.is_dir():
+        for file in sorted(folder.glob("*.safetensors")):
+            check_lora_file(file)
+
+
+def check_lora_file(path: str | os.PathLike) -> None:
+    """Refuse text-encoder layers and NaN/inf weights in one safetensors LoRA file, naming the file.
+
+    Why text encoders: realignment encodes the prompt once for both branches, so a text-encoder adapter would
+    stay on in the reference and lambda 0 would not be the base model. Why finite: a corrupt file with a valid
+    header otherwise loads and samples NaN images without any error.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            _check_no_text_encoder(path, list(weights.keys()))
+            for key in weights.keys():
+                if not torch.isfinite(weights.get_tensor(key)).all():
+                    raise DeradiffError(f"LoRA file '{path}' has non-finite weights (NaN or inf) in '{key}'; "
+                                        "the file is corrupt or its training diverged")
+    except SafetensorError as exc:
+        raise DeradiffError(f"LoRA file '{path}' is not a readable safetensors file: {exc}") from None
+
+
+def _check_no_text_encoder(path: str | os.PathLike, keys: list[str]) -> None:
+    key = next((k for k in keys if k.startswith(TEXT_ENCODER_PREFIXES)), None)
+    if key is not None:
+        raise DeradiffError(f"LoRA file '{path}' adapts the text encoder ('{key}'); deradiff realigns UNet-only "
+                            "LoRAs (both branches share one prompt encoding, so lambda 0 would not be the base)")

@@ -21,7 +21,7 @@ from torch import nn
 
 from deradiff.errors import DeradiffError
 from deradiff.models.pipelines import LORA_METADATA_ATTR
-from deradiff.realign.denoiser import KEEP, RealignedDenoiser
+from deradiff.realign.denoiser import KEEP, RealignedDenoiser, lora_layers
 from deradiff.realign.mixing import LambdaSpec, effective_beta
 from deradiff.realign.schedulers import (
     ApproximateSamplerWarning,
@@ -35,6 +35,7 @@ from deradiff.realign.schedulers import (
 
 HANDLE_ATTR = "_deradiff_realign_handle"
 DENOISER_NAMES = ("unet", "transformer")
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class RealignHandle:
@@ -143,6 +144,7 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
                 handle.denoiser.batch_branches = batch_branches
             return handle
         handle.undo()
+    _check_text_encoders(pipe)
     component = _denoiser_component(pipe)
     model = getattr(pipe, component)
     if aligned_unet is not None:
@@ -170,6 +172,18 @@ def _denoiser_component(pipe: Any) -> str:
         if isinstance(getattr(pipe, name, None), nn.Module):
             return name
     raise DeradiffError(f"{type(pipe).__name__} has no unet or transformer to realign")
+
+
+def _check_text_encoders(pipe: Any) -> None:
+    """Refuse an active text-encoder adapter: the pipeline encodes the prompt once and both branches use that
+    encoding, so the reference would keep the adapter and lambda 0 would not be the base model."""
+    for name in TEXT_ENCODER_NAMES:
+        encoder = getattr(pipe, name, None)
+        if isinstance(encoder, nn.Module) and any(not layer.disable_adapters for layer in lora_layers(encoder)):
+            raise DeradiffError(
+                f"pipe.{name} carries an active LoRA adapter; deradiff realigns UNet-only LoRAs (both branches share "
+                f"one prompt encoding, so lambda 0 would not be the base); load a LoRA without {name} layers"
+            )
 
 
 def _check_compatible(model: nn.Module, aligned: nn.Module) -> None:

@@ -15,15 +15,22 @@ lam 0 and lam 1 are one plain forward of one model (bitwise the stock pipeline).
 per-trajectory lambdas (`use_trajectories`, see `deradiff.realign.sweep`): each batch row then gets its own.
 
 CFG is linear, so mixing the batched cond/uncond outputs here equals mixing after guidance.
+
+It is a diffusers `ModelMixin` because the pipeline-level LoRA controls (`pipe.disable_lora()`,
+`set_adapters`, `fuse_lora`, `unload_lora_weights`, ...) and `pipe.save_pretrained` skip, silently, any
+component that is not one. As one they call this class: `save_pretrained` saves the real denoiser, and the
+controls that would change the adapter under the two branches raise (`deradiff.unrealign(pipe)` first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
 from deradiff.errors import DeradiffError
@@ -91,7 +98,14 @@ class _Keep:
 KEEP: Any = _Keep()
 
 
-class RealignedDenoiser(nn.Module):
+def _refuse_while_realigned(control: str) -> DeradiffError:
+    return DeradiffError(
+        f"{control} cannot change the LoRA of a realigned pipeline (its reference and aligned branches are built "
+        "from it); call deradiff.unrealign(pipe) first, then deradiff.realign(pipe, ...) again"
+    )
+
+
+class RealignedDenoiser(ModelMixin):
     """Wraps a diffusers UNet/transformer; each call returns (1-l)*pred_ref + l*pred_aligned.
 
     batch_branches: True evaluates both branches in one stacked forward wherever peft can do it exactly;
@@ -151,6 +165,35 @@ class RealignedDenoiser(nn.Module):
             if model is None:
                 raise
             return getattr(model, name)
+
+    # --- diffusers' LoRA controls and saving (called through the pipeline's methods of the same names) ---
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None, **kwargs: Any) -> None:
+        """Save the real denoiser, so `pipe.save_pretrained` writes what the unrealigned pipeline would."""
+        if max_shard_size is not None:  # diffusers' own default applies when not given
+            kwargs["max_shard_size"] = max_shard_size
+        self.model.save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+
+    def disable_lora(self) -> None:
+        raise _refuse_while_realigned("pipe.disable_lora()")
+
+    def enable_lora(self) -> None:
+        raise _refuse_while_realigned("pipe.enable_lora()")
+
+    def fuse_lora(self, *args: Any, **kwargs: Any) -> None:
+        raise _refuse_while_realigned("pipe.fuse_lora()")
+
+    def unload_lora(self) -> None:
+        raise _refuse_while_realigned("pipe.unload_lora_weights()")
+
+    def set_adapters(self, *args: Any, **kwargs: Any) -> None:
+        raise _refuse_while_realigned("pipe.set_adapters()")
+
+    def delete_adapters(self, *args: Any, **kwargs: Any) -> None:
+        raise _refuse_while_realigned("pipe.delete_adapters()")
+
+    def load_lora_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise _refuse_while_realigned("pipe.load_lora_weights()")
 
     # --- lambda and step counting ----------------------------------------------------------------------
     @property

@@ -5,10 +5,14 @@ and per-step noise (one `torch.Generator` per image, seeded from the seed), so a
 by strength. All lambdas x seeds of a prompt are sampled as one batch of trajectories (up to `max_batch`,
 `deradiff.realign.sweep`): one denoiser call per step instead of one per lambda. Layout of `output_dir`:
 
-    images/p{prompt:03d}_lam{lambda}_seed{seed}.png
+    images/p{prompt:03d}_lam{lambda}_seed{seed}.png   lambda as written (2, 0.5), in full where that is ambiguous
     grids/p{prompt:03d}.png          rows = lambdas (config order), columns = seeds
     manifest.csv, manifest.json      prompt, seed, lambda, effective beta, file
     config.yaml                      the config that produced them
+
+One run at a time holds `output_dir` (`OutputDirLock`). `overwrite=true` first removes everything a previous
+run wrote (manifests first), and a run that fails removes what it wrote: a manifest only ever sits beside
+the images of its own, finished run. Images that are not finite (NaN/inf) are refused, never written.
 
 This module's top level imports no torch/diffusers, so `deradiff --help` stays fast.
 """
@@ -18,12 +22,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from deradiff.config import option, save_config
+from deradiff.config import check_device, check_file, check_seeds, option, save_config
 from deradiff.errors import ConfigError, DeradiffError
-from deradiff.fileio import atomic_path, write_error, write_text_atomic
+from deradiff.fileio import atomic_path, check_output_dir, remove_dir, write_error, write_text_atomic
+from deradiff.training.lock import LOCK_NAME, OutputDirLock
+
+# What a run writes into output_dir, in the order overwrite removes it: manifests first, so an interrupted
+# removal never leaves a manifest describing images that are gone or stale.
+OUTPUTS = ("manifest.json", "manifest.csv", "config.yaml", "images", "grids")
 
 SAMPLERS = {
     "ddim": "DDIMScheduler",
@@ -40,7 +50,8 @@ class RealignConfig:
     lora_dir: str = option(help="folder with pytorch_lora_weights.safetensors (+ deradiff_metadata.json)")
     base_model: str | None = option(None, "diffusers folder or hub id; default: the embedded tiny model")
     lambdas: list[float] = option([0.0, 0.5, 1.0, 2.0], "strengths to sample: 0 base, 1 aligned, 0.5 ~ 2*beta, 2 ~ beta/2")
-    prompts_file: str | None = option(None, "text file, one prompt a line; default: the tiny world's eval prompts")
+    prompts_file: str | None = option(None, "text file, one prompt a line; default: the tiny world's eval prompts",
+                                      relative_to_yaml=True)
     prompts: list[str] = option([], "prompts given inline (used instead of prompts_file when non-empty)")
     seeds: list[int] = option([0, 1, 2, 3], "one image per seed; every lambda shares each seed's noise")
     steps: int = option(20, "denoising steps")
@@ -69,8 +80,12 @@ class RealignConfig:
                 check_lambda(lam, f"lambdas[{i}]")
             except DeradiffError as exc:
                 raise ConfigError(f"config key {exc}") from None
+        _check_distinct_lambdas(self.lambdas)
         if not self.seeds:
             raise ConfigError("config key 'seeds' must list at least one seed")
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:
+            raise ConfigError(f"config key 'seeds' lists {repeated} more than once; list each seed once")
         if self.steps < 1:
             raise ConfigError(f"config key 'steps' must be >= 1, got {self.steps}")
         if self.eta < 0:
@@ -83,25 +98,46 @@ class RealignConfig:
             raise ConfigError(f"config key 'max_batch' must be >= 1, got {self.max_batch}")
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"config key 'beta' must be > 0, got {self.beta}")
+        check_seeds(self.seeds, "seeds")
+        check_device(self.device, "device")
+        if not self.prompts and self.prompts_file is not None:
+            check_file(self.prompts_file, "prompts_file", "a text file, one prompt a line")
 
 
 def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     """Sample every (prompt, lambda, seed); returns the manifest rows (also written to output_dir)."""
     import torch
+
+    from deradiff.models.pipelines import check_lora_dir, load_lora, load_pipeline
+
+    out = check_output_dir(config.output_dir)
+    _check_results_absent(out, config.overwrite)
+    prompts = _prompts(config)
+    device = _device(config.device)
+    check_lora_dir(config.lora_dir, "lora_dir")
+    pipe = load_pipeline(config.base_model or _tiny_model_dir(), torch_dtype=getattr(torch, config.dtype), device=device)
+    metadata = load_lora(pipe, config.lora_dir) or {}
+    # locked only once every input has loaded: a bad input leaves no folders behind
+    with OutputDirLock(out):
+        _check_results_absent(out, config.overwrite)  # again: another run may have finished into it meanwhile
+        _remove_outputs(out)
+        try:
+            return _sample_all(pipe, out, prompts, config, metadata, device)
+        except BaseException:
+            _remove_outputs(out)  # a failed run leaves no half-written results
+            raise
+
+
+def _sample_all(pipe: Any, out: Path, prompts: list[str], config: RealignConfig, metadata: dict,
+                device: Any) -> list[dict[str, Any]]:
+    """Sample and write images and grids, then the manifests (last: they mark a finished run)."""
     from tqdm.auto import tqdm
 
     import deradiff
-    from deradiff.models.pipelines import load_lora, load_pipeline
     from deradiff.realign.denoiser import BRANCH_MODES
     from deradiff.realign.mixing import describe_strength, effective_beta
 
-    out = Path(config.output_dir)
-    _check_output_dir(out, config.overwrite)
-    prompts = _prompts(config)
-    device = _device(config.device)
-    pipe = load_pipeline(config.base_model or _tiny_model_dir(), torch_dtype=getattr(torch, config.dtype), device=device)
-    metadata = load_lora(pipe, config.lora_dir) or {}
-    _make_output_dirs(out)  # only once every input has loaded: a bad input leaves no folders behind
+    _make_output_dirs(out)
     pipe.scheduler = _scheduler(config.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     beta = config.beta if config.beta is not None else metadata.get("beta")
@@ -111,10 +147,10 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     # closed on errors too, so an error line never lands on the unfinished progress-bar line
     with tqdm(total=total, desc="realign", unit="img") as bar:
         for p, prompt in enumerate(prompts):
-            grid = _sample_lambdas(pipe, prompt, config, device)
+            grid = _sample_lambdas(pipe, p, prompt, config, device)
             for lam, images in zip(config.lambdas, grid):
                 for seed, image in zip(config.seeds, images):
-                    file = Path("images") / f"p{p:03d}_lam{lam:g}_seed{seed}.png"
+                    file = Path("images") / f"p{p:03d}_lam{_lambda_label(lam)}_seed{seed}.png"
                     _save_image(image, out / file)
                     eff = effective_beta(beta, lam)
                     rows.append({"prompt_index": p, "prompt": prompt, "seed": seed, "lambda": lam,
@@ -127,24 +163,63 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _sample_lambdas(pipe: Any, prompt: str, config: RealignConfig, device: Any) -> list[list[Any]]:
-    """images[lambda][seed] for one prompt, all lambdas as one batch of trajectories (up to max_batch); each
-    image has its own generator from its seed, so it equals a single-image call with that seed and lambda."""
+def _sample_lambdas(pipe: Any, index: int, prompt: str, config: RealignConfig, device: Any) -> list[list[Any]]:
+    """images[lambda][seed] (PIL) for one prompt, all lambdas as one batch of trajectories (up to max_batch);
+    each image has its own generator from its seed, so it equals a single-image call with that seed and lambda.
+    Sampled as arrays first: PIL conversion would silently turn NaN pixels into black ones."""
+    from diffusers.image_processor import VaeImageProcessor
+
     from deradiff.realign.sweep import sweep
 
     result = sweep(pipe, [prompt], config.seeds, config.lambdas, max_batch=config.max_batch,
                    generator_device="cpu" if device.type == "mps" else device, num_inference_steps=config.steps,
                    guidance_scale=config.guidance, eta=config.eta, height=config.height, width=config.width,
-                   output_type="pil")
-    return [per_prompt[0] for per_prompt in result.images]
+                   output_type="np")
+    grid = [per_prompt[0] for per_prompt in result.images]
+    for lam, images in zip(config.lambdas, grid):
+        _check_finite(images, lam, index, prompt)
+    return [[VaeImageProcessor.numpy_to_pil(image)[0] for image in images] for images in grid]
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse before any work: earlier results are never replaced unless `overwrite=true`."""
-    if out.exists() and not out.is_dir():
-        raise DeradiffError(f"output_dir '{out}' is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+def _check_finite(images: list[Any], lam: float, index: int, prompt: str) -> None:
+    import numpy as np
+
+    if not all(np.isfinite(image).all() for image in images):
+        raise DeradiffError(f"lambda {lam:g} gave non-finite images (NaN or inf) for prompt {index} ('{prompt}'); "
+                            "the LoRA diverges at this strength, so no images were kept")
+
+
+def _lambda_label(lam: float) -> str:
+    """The lambda in a file name: its short form (2, 0.5) when that names it exactly, else its full repr, so
+    two different lambdas never share a file."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(float(lam))
+
+
+def _check_distinct_lambdas(lambdas: list[float]) -> None:
+    """Two equal or float-close lambdas would sample one strength twice (and once shared one file name)."""
+    for i, a in enumerate(lambdas):
+        for j in range(i):
+            if math.isclose(a, lambdas[j], rel_tol=1e-9, abs_tol=1e-12):
+                raise ConfigError(f"config key 'lambdas' lists one strength twice: lambdas[{j}]={lambdas[j]!r} and "
+                                  f"lambdas[{i}]={a!r}; list each lambda once")
+
+
+def _check_results_absent(out: Path, overwrite: bool) -> None:
+    """Refuse before any work: earlier results are never replaced unless `overwrite=true` (a lock file left
+    by a run is not a result)."""
+    if out.is_dir() and any(f.name != LOCK_NAME for f in out.iterdir()) and not overwrite:
         raise DeradiffError(f"output_dir '{out}' is not empty; choose another or pass overwrite=true")
+
+
+def _remove_outputs(out: Path) -> None:
+    """Remove what a run writes (OUTPUTS, in that order); other files in output_dir are left alone."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            remove_dir(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _make_output_dirs(out: Path) -> None:
