@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from deradiff.config import config_to_dict, load_config, option
+from deradiff.config import check_file, check_min, config_to_dict, load_config, option
 from deradiff.errors import ConfigError
 from deradiff.fileio import check_output_dir, content_key, read_json, write_text_atomic
 from deradiff.training.checkpoint import FINAL_LORA, check_resume, weight_settings
@@ -31,14 +31,18 @@ REWARD_METHODS = ("ddpo", "reward_grad")  # beta in reward units: an oracle exis
 class StudyConfig:
     """One realignment study: which trainer, which strengths, which eval."""
 
-    output_dir: str = option(help="study folder: prefs/, train/beta*/, eval/, stages/, report.html, summary.json")
+    output_dir: str = option(help="study folder: prefs/, train/beta*/, eval/, stages/, report.html, summary.json "
+                                  "(relative: to the current directory)")
     beta0: float = option(help="KL strength of the anchor LoRA (the one users would train)")
     betas: list[float] = option(help="the K other strengths that get a retrained LoRA (the ground truth)")
     method: Literal["dpo", "ddpo", "reward_grad"] = option("dpo", "trainer for the anchor and the retrained LoRAs")
-    train_config: str = option("configs/tiny/dpo.yaml", "trainer YAML every LoRA starts from")
-    train_overrides: list[str] = option([], "key=value overrides for every training run (e.g. train.max_steps=40)")
+    train_config: str = option("configs/tiny/dpo.yaml", "trainer YAML every LoRA starts from", relative_to_yaml=True)
+    train_overrides: list[str] = option(
+        [], "key=value overrides for every training run (e.g. train.max_steps=40; paths in them, as on the command "
+            "line: relative to the current directory)")
     make_prefs: bool = option(True, "dpo: generate tiny-world preference pairs into prefs/ when missing (own stage)")
-    eval_config: str = option("configs/tiny/eval.yaml", "eval YAML; anchor/retrained/output_dir are set by the study")
+    eval_config: str = option("configs/tiny/eval.yaml", "eval YAML; anchor/retrained/output_dir are set by the study",
+                              relative_to_yaml=True)
     eval_overrides: list[str] = option([], "key=value overrides for the eval (e.g. seeds=[0,1])")
     prompts: list[str] | None = option(
         None, "ddpo / reward_grad: one prompt list for training, the oracle and the eval (the optimum is per prompt, so a LoRA is "
@@ -56,6 +60,14 @@ class StudyConfig:
         if self.prompts is not None and (self.method not in REWARD_METHODS or not self.prompts):
             raise ConfigError(f"config key 'prompts' needs method ddpo or reward_grad and at least one prompt, "
                               f"got {self.method} and {self.prompts}")
+        if not self.betas:
+            raise ConfigError("config key 'betas' must list at least one strength to retrain at")
+        for i, size in enumerate(self.sweep_sizes):
+            if size < 1:
+                raise ConfigError(f"config key 'sweep_sizes[{i}]' must be >= 1, got {size}")
+        check_min(self, "", {"threads": 0})
+        check_file(self.train_config, "train_config", f"a {self.method} trainer YAML")
+        check_file(self.eval_config, "eval_config", "an eval YAML")
 
 
 @dataclass

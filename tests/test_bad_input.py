@@ -184,7 +184,7 @@ def _eval_config(tmp_path: Path, world, anchor: Path) -> Path:
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "eval"), "anchor_lora": str(anchor), "base_model": str(world["base"]),
-        "prompts": ["a red circle"], "seeds": [0], "rewards": ["vividness"], "kid_features": "none",
+        "prompts": ["a red circle"], "seeds": [0, 1], "rewards": ["vividness"], "kid_features": "none",
         "sampling": {"steps": 2, "batch_size": 2}, "tracker": {"backend": "none"}, "device": "cpu",
     }))
     return config

@@ -51,15 +51,15 @@ def never_loads(*args):
 
 @pytest.mark.parametrize("extra, message", [
     (["seeds=[0]"], "at least 2 distinct seeds"),
-    (["seeds=[3, 3]"], "distinct seeds"),
-    (["prompts=null", "num_prompts=0"], "no prompts"),
+    (["seeds=[3, 3]"], "at least 2 distinct seeds"),
+    (["prompts=null", "num_prompts=0"], "num_prompts"),
+    (["prompts=[]"], "prompts"),
 ])
-def test_inputs_that_cannot_give_results_are_refused_before_sampling(loras, tmp_path, extra, message):
+def test_inputs_that_cannot_give_results_are_refused_when_the_config_loads(loras, tmp_path, extra, message):
     """Was: one seed sampled and scored every model, then crashed drawing a NaN diversity; num_prompts=0 failed
     late with a shape error."""
     with pytest.raises(DeradiffError, match=message):
-        run_eval(_config(tmp_path / "out", loras, *extra), loader=never_loads, rewards={"brightness": brightness})
-    assert not (tmp_path / "out" / "results.json").exists()
+        _config(tmp_path / "out", loras, *extra)
 
 
 def test_a_figure_that_cannot_be_drawn_is_skipped_with_a_note(loras, tmp_path):
@@ -116,3 +116,11 @@ def test_an_eval_refused_by_the_lock_samples_and_logs_nothing(loras, tmp_path):
         run_eval(_config(out, loras, "tracker.backend=wandb", "tracker.mode=offline"), loader=never_loads,
                  rewards={"brightness": brightness})
     assert not (out / "wandb").exists()
+
+
+def test_a_deleted_lora_is_named_as_missing_with_its_key(loras, tmp_path):
+    """Was: "has no deradiff metadata", the text a folder without metadata gets."""
+    anchor, retrained = loras
+    gone = str(tmp_path / "deleted-lora")
+    with pytest.raises(DeradiffError, match=r"config key 'retrained_loras\[0\]': LoRA folder .*deleted-lora' does not exist"):
+        run_eval(_config(tmp_path / "out", (anchor, [gone])), loader=never_loads, rewards={"brightness": brightness})

@@ -260,3 +260,9 @@ def test_a_damaged_stage_marker_is_one_clear_error(finished, tmp_path):
     (tmp_path / "stages" / f"{record.name}.json").write_text("{not json")
     with pytest.raises(DeradiffError, match=r"stage marker .*is not valid JSON.*delete it"):
         study.train_stage(cfg, 5000.0, [])
+
+
+def test_lora_target_modules_matching_no_layer_is_a_user_error(finished, tmp_path, capsys):
+    assets, _ = finished
+    code, _, err = run_cli(train_args(assets["config"], tmp_path / "run", STEPS, "lora.target_modules=[no_such_layer]"), capsys)
+    assert_one_line_error(code, err, "lora.target_modules", "no_such_layer")

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a subcommand; user errors print one line and exit 2, bugs exit 1 (traceback with --debug)."""
+    """Run a subcommand; user errors print one line and exit 2, bugs exit 1 (traceback with --debug).
+    User errors: `DeradiffError`, and an `OSError` naming a file (a missing, unreadable or unwritable path)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere, also after the subcommand
@@ -46,12 +47,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a short message
+    except OSError as exc:  # a path the machine refused (missing, no permission, disk full): the user's to fix
+        if exc.filename is None:
+            return _bug(exc, debug)
         if debug:
             traceback.print_exc()
-        else:
-            print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        print(f"error: '{exc.filename}': {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a short message
+        return _bug(exc, debug)
+
+
+def _bug(exc: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    else:
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 def run_entry(command: Sequence[str]) -> None:

@@ -19,12 +19,13 @@ PREFS_FILE = "train.parquet"
 class PrefsConfig:
     """Where to write the pairs and how to make them."""
 
-    output_dir: str = option("outputs/tiny/prefs", "folder for train.parquet (Pick-a-Pic columns)")
+    output_dir: str = option("outputs/tiny/prefs", "folder for train.parquet (Pick-a-Pic columns; relative: to the "
+                                                    "current directory)")
     base_model: str = option("tiny", "model that samples the pairs: 'tiny' or a diffusers folder")
     generate: PrefsSection = option(factory=PrefsSection, help="sampling and labelling")
 
     def validate(self) -> None:
-        self.generate.check_reward("generate.reward")
+        self.generate.check("generate.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,9 +6,10 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from deradiff.cli.common import add_config_arguments, config_from_args
-from deradiff.config import option, save_config
+from deradiff.config import check_min, check_seed, option, save_config
 from deradiff.errors import DeradiffError
 
 DEFAULT_PRETRAIN_CONFIG = "configs/tiny/pretrain.yaml"
@@ -16,15 +17,19 @@ DEFAULT_PRETRAIN_CONFIG = "configs/tiny/pretrain.yaml"
 
 @dataclass
 class QualityConfig:
-    output_dir: str = option("outputs/tiny-quality", "where quality.json is written")
+    output_dir: str = option("outputs/tiny-quality", "where quality.json is written (relative: to the current directory)")
     model_dir: str = option("", "tiny pipeline to measure (default: the shipped deradiff/world/assets/tiny-sd)")
     classifier_dir: str = option("", "folder holding classifier.safetensors/.json (default: the shipped one)")
-    split: str = option("eval", "prompt split to sample: eval (held-out) or train")
+    split: Literal["eval", "train"] = option("eval", "prompt split to sample: eval (held-out) or train")
     num_images: int = option(56, "images generated, cycling through the split's prompts")
     seed: int = option(0, "image i is sampled with seed + i")
     num_inference_steps: int = option(20, "denoising steps per image")
     guidance_scale: float = option(4.0, "classifier-free guidance scale")
     batch_size: int = option(16, "images per pipeline call")
+
+    def validate(self) -> None:
+        check_min(self, "", {"num_images": 1, "num_inference_steps": 1, "guidance_scale": 0, "batch_size": 1})
+        check_seed(self.seed, "seed", count=self.num_images)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +65,7 @@ def _quality(args: argparse.Namespace) -> int:
     model_dir = cfg.model_dir or TINY_MODEL_DIR
     if not (Path(model_dir) / "model_index.json").is_file():
         raise DeradiffError(f"model_dir '{model_dir}' is not a diffusers pipeline (no model_index.json)")
-    prompts = load_prompts(cfg.split)  # type: ignore[arg-type]
+    prompts = load_prompts(cfg.split)
     chosen = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
     result = measure_quality(load_pipeline(model_dir), chosen, [cfg.seed + i for i in range(cfg.num_images)],
                              classifier=load_classifier(cfg.classifier_dir or None),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from deradiff.config import option
+from deradiff.config import check_device, check_min, check_seed, check_seeds, option
 from deradiff.errors import ConfigError
 from deradiff.realign.mixing import check_lambda
 from deradiff.training.config import TrackerSection
@@ -28,8 +28,11 @@ class SamplingSection:
     def validate(self) -> None:
         if self.eta <= 0:
             raise ConfigError(f"config key 'sampling.eta' must be > 0 for shared-noise eval, got {self.eta}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("config keys 'sampling.steps' and 'sampling.batch_size' must be >= 1")
+        check_min(self, "sampling.", {"steps": 1, "batch_size": 1, "guidance_scale": 0})
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"config key 'sampling.{key}' must be a positive multiple of 8, got {value}")
 
 
 @dataclass
@@ -43,14 +46,15 @@ class OracleSection:
     min_ess: float = option(20.0, "oracle rows whose worst prompt's effective sample size is below this are "
                                   "reported as unreliable and left out of the verdict")
     seed_offset: int = option(1_000_000, "base-sample seeds are seed_offset + i (kept apart from the eval seeds)")
-    cache_dir: str | None = option(None, "where base samples are cached and reused across runs "
-                                         "(null: $XDG_CACHE_HOME/deradiff/oracle or ~/.cache/deradiff/oracle)")
+    cache_dir: str | None = option(None, "where base samples are cached and reused across runs (relative: to the "
+                                         "current directory; null: $XDG_CACHE_HOME/deradiff/oracle or ~/.cache/deradiff/oracle)")
 
     def validate(self) -> None:
         if self.samples_per_prompt < 2:
             raise ConfigError(f"config key 'oracle.samples_per_prompt' must be >= 2, got {self.samples_per_prompt}")
         if self.min_ess < 1:
             raise ConfigError(f"config key 'oracle.min_ess' must be >= 1, got {self.min_ess}")
+        check_seed(self.seed_offset, "oracle.seed_offset", count=self.samples_per_prompt)
 
 
 @dataclass
@@ -66,13 +70,15 @@ class BootstrapSection:
             raise ConfigError(f"config key 'bootstrap.replicates' must be 0 or >= 10, got {self.replicates}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"config key 'bootstrap.confidence' must be in (0, 1), got {self.confidence}")
+        check_seed(self.seed, "bootstrap.seed")
 
 
 @dataclass
 class EvalConfig:
     """Realigned vs retrained: does the anchor LoRA realigned to lambda look like a LoRA retrained at beta0/lambda?"""
 
-    output_dir: str = option(help="folder for results.csv/json, plots, grids and report.html")
+    output_dir: str = option(help="folder for results.csv/json, plots, grids and report.html (relative: to the "
+                                  "current directory, as are the LoRA and model paths)")
     anchor_lora: str = option(help="the LoRA trained at beta0 (its deradiff metadata gives beta0 and the base model)")
     retrained_loras: list[str] = option([], "LoRAs retrained at other betas (each beta read from its metadata)")
     base_model: str | None = option(None, "base pipeline folder or hub id ('tiny': the embedded world); null: the anchor's metadata")
@@ -104,8 +110,27 @@ class EvalConfig:
             for i, lam in enumerate(getattr(self, key) or []):
                 check_lambda(lam, f"config key '{key}[{i}]'")
         self._check_rewards()
-        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
-            raise ConfigError(f"config key 'seeds' must be a non-empty list of distinct seeds, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds) or len(self.seeds) < 2:  # diversity and intervals compare seeds
+            raise ConfigError(f"config key 'seeds' must list at least 2 distinct seeds, got {self.seeds}")
+        check_seeds(self.seeds, "seeds")
+        self._check_oracle_seeds()
+        if self.prompts is not None and not any(p.strip() for p in self.prompts):
+            raise ConfigError("config key 'prompts' lists no prompts (null: the tiny world's eval prompts)")
+        if self.prompts is None and self.num_prompts < 1:
+            raise ConfigError(f"config key 'num_prompts' must be >= 1 when prompts is null (else no prompts), "
+                              f"got {self.num_prompts}")
+        check_min(self, "", {"grid_prompts": 0, "grid_seeds": 0, "threads": 0})
+        check_device(self.device, "device")
+
+    def _check_oracle_seeds(self) -> None:
+        """The oracle's base samples must not reuse an eval seed's noise (the two would not be independent)."""
+        if self.oracle.enabled == "off":
+            return
+        first, count = self.oracle.seed_offset, self.oracle.samples_per_prompt
+        shared = sorted(s for s in self.seeds if first <= s < first + count)
+        if shared:
+            raise ConfigError(f"config key 'seeds' has {shared[0]}, which the oracle also draws (oracle.seed_offset + "
+                              f"0..{count - 1} = {first}..{first + count - 1}); use other seeds or move oracle.seed_offset")
 
     def _check_rewards(self) -> None:
         """Unknown reward names fail when the config loads, not after every model has been sampled."""

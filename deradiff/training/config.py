@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from deradiff.config import option
+from deradiff.config import check_file, check_min, check_positive, check_seed, option
 from deradiff.errors import ConfigError
 
 
@@ -17,7 +17,9 @@ from deradiff.errors import ConfigError
 class ModelSection:
     """Which base pipeline to adapt."""
 
-    pretrained: str = option("tiny", "base model: 'tiny' (embedded tiny world), a local diffusers folder, or a hub id")
+    pretrained: str = option(
+        "tiny", "base model: 'tiny' (embedded tiny world), a local diffusers folder (relative: to the current "
+                "directory) or a hub id")
     revision: str | None = option(None, "hub revision of the base model")
     variant: str | None = option(None, "weights variant to load, e.g. fp16")
     vae: str | None = option(None, "replacement VAE folder or hub id (SDXL fp16: madebyollin/sdxl-vae-fp16-fix)")
@@ -25,6 +27,10 @@ class ModelSection:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
         "auto", "what the UNet predicts; auto: read the scheduler config"
     )
+
+    def validate(self) -> None:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConfigError(f"config key 'model.resolution' must be a positive multiple of 8, got {self.resolution}")
 
 
 @dataclass
@@ -36,8 +42,10 @@ class LoraSection:
     target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get LoRA")
 
     def validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"config key 'lora.rank' must be >= 1, got {self.rank}")
+        check_min(self, "lora.", {"rank": 1})
+        check_positive(self, "lora.", ["alpha"])
+        if not self.target_modules:
+            raise ConfigError("config key 'lora.target_modules' must name at least one UNet module")
 
 
 @dataclass
@@ -57,6 +65,13 @@ class OptimSection:
     )
     warmup_steps: int = option(0, "linear warmup steps")
 
+    def validate(self) -> None:
+        check_positive(self, "optim.", ["lr", "adam_eps", "max_grad_norm"])
+        check_min(self, "optim.", {"weight_decay": 0, "warmup_steps": 0})
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"config key 'optim.{key}' must be in [0, 1), got {getattr(self, key)}")
+
 
 @dataclass
 class TrainSection:
@@ -75,13 +90,16 @@ class TrainSection:
     log_every: int = option(1, "log scalars every N steps")
     allow_tf32: bool = option(True, "allow TF32 matmuls on Ampere+ GPUs")
     deepspeed_config: str | None = option(
-        None, "DeepSpeed JSON (e.g. launch/zero2.json) when not launched with `accelerate launch --use_deepspeed`"
+        None, "DeepSpeed JSON (e.g. the repo's launch/zero2.json) when not launched with `accelerate launch "
+              "--use_deepspeed`", relative_to_yaml=True,
     )
 
     def validate(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
+        check_min(self, "train.", {"max_steps": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+                                   "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 0})
+        check_seed(self.seed, "train.seed")
+        if self.deepspeed_config:
+            check_file(self.deepspeed_config, "train.deepspeed_config", "a DeepSpeed JSON file")
 
 
 @dataclass
@@ -102,7 +120,7 @@ class TrackerSection:
 class TrainerConfig:
     """The sections every `deradiff train <method>` config has."""
 
-    output_dir: str = option(help="run folder: lora/, checkpoints/, summary.json, W&B files")
+    output_dir: str = option(help="run folder: lora/, checkpoints/, summary.json, W&B files (relative: to the current directory)")
     model: ModelSection = option(factory=ModelSection, help="base model")
     lora: LoraSection = option(factory=LoraSection, help="LoRA adapter")
     optim: OptimSection = option(factory=OptimSection, help="optimizer")

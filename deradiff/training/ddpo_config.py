@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from deradiff.config import option
+from deradiff.config import check_min, check_positive, check_prompt_source, option
 from deradiff.errors import ConfigError
 from deradiff.training.config import TrainerConfig
 
@@ -37,8 +37,7 @@ class ChainSection:
     def validate(self) -> None:
         if self.eta <= 0:
             raise ConfigError(f"config key 'sample.eta' must be > 0 (stochastic steps define the path KL), got {self.eta}")
-        if self.num_steps < 1:
-            raise ConfigError(f"config key 'sample.num_steps' must be >= 1, got {self.num_steps}")
+        check_min(self, "sample.", {"num_steps": 1, "guidance_scale": 0})
 
 
 @dataclass
@@ -66,7 +65,8 @@ class DDPOSection:
     reward_options: dict[str, Any] = option(
         {}, "keyword arguments for the reward, e.g. {model_path: /models/aesthetic} (see docs/rewards.md)")
     prompts: str | list[str] = option(
-        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list"
+        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list",
+        relative_to_yaml=True,
     )
     beta: float = option(0.0, BETA_HELP)
     kl_in: Literal["reward", "loss"] = option(
@@ -94,8 +94,9 @@ class DDPOSection:
             raise ConfigError(f"config key 'ddpo.timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
         if self.inner_epochs < 1:
             raise ConfigError(f"config key 'ddpo.inner_epochs' must be >= 1, got {self.inner_epochs}")
-        if self.clip_range <= 0:
-            raise ConfigError(f"config key 'ddpo.clip_range' must be > 0, got {self.clip_range}")
+        check_positive(self, "ddpo.", ["clip_range", "adv_clip_max"])
+        check_min(self, "ddpo.", {"stat_buffer_size": 0, "stat_min_count": 1, "log_images": 0})
+        check_prompt_source(self.prompts, "ddpo.prompts")
 
 
 @dataclass(kw_only=True)

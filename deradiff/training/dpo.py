@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deradiff.config import config_to_dict, option
+from deradiff.config import check_min, check_positive, check_seed, config_to_dict, option
 from deradiff.errors import ConfigError, DeradiffError
 from deradiff.training.config import TrainerConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
@@ -31,12 +31,15 @@ class PrefsSection:
     guidance_scale: float = option(3.0, "classifier-free guidance for the pair images")
     seed: int = option(0, "seed for sampling and labelling")
 
-    def check_reward(self, key: str) -> None:
-        """An unknown reward name fails at config load, not after the model has sampled every pair; `key` is
-        where this section sits in the user's config (the section does not know its own path)."""
+    def check(self, prefix: str) -> None:
+        """Fails at config load, not after the model has sampled every pair; `prefix` is where this section sits
+        in the user's config (the section does not know its own path), e.g. 'data.generate.'."""
         from deradiff.rewards import check_reward_name
 
-        check_reward_name(self.reward, key)
+        check_reward_name(self.reward, f"{prefix}reward")
+        check_seed(self.seed, f"{prefix}seed")
+        check_min(self, prefix, {"pairs_per_prompt": 1, "num_inference_steps": 1, "guidance_scale": 0})
+        check_positive(self, prefix, ["temperature"])
 
 
 @dataclass
@@ -53,7 +56,7 @@ class DataSection:
     generate_if_missing: bool = option(False, "generate `source` with the tiny-world recipe when it does not exist")
 
     def validate(self) -> None:
-        self.generate.check_reward("data.generate.reward")
+        self.generate.check("data.generate.")
 
 
 @dataclass

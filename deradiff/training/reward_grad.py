@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from deradiff.config import config_to_dict, option
+from deradiff.config import check_prompt_source, config_to_dict, option
 from deradiff.errors import ConfigError
 from deradiff.training.config import TrainerConfig
 from deradiff.training.ddpo_config import BETA_HELP, ChainSection
@@ -36,12 +36,14 @@ class RewardGradSection:
     reward: str = option("vividness", "a differentiable reward from deradiff.rewards (e.g. vividness)")
     reward_options: dict[str, Any] = option({}, "keyword arguments for the reward")
     prompts: str | list[str] = option(
-        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list")
+        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list",
+        relative_to_yaml=True)
     beta: float = option(0.0, BETA_HELP)
 
     def validate(self) -> None:
         from deradiff.rewards import check_reward_name, is_differentiable
 
+        check_prompt_source(self.prompts, "reward_grad.prompts")
         check_reward_name(self.reward, "reward_grad.reward")
         if not is_differentiable(self.reward):
             raise ConfigError(f"config key 'reward_grad.reward': '{self.reward}' is not differentiable "

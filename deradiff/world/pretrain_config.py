@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deradiff.config import option
+from deradiff.config import check_min, check_positive, check_seed, option
+from deradiff.errors import ConfigError
 
 
 @dataclass
@@ -14,6 +15,10 @@ class ClassifierTrainConfig:
     batch_size: int = option(64, "images per classifier step")
     lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
 
+    def validate(self) -> None:
+        check_min(self, "classifier.", {"steps": 1, "batch_size": 1})
+        check_positive(self, "classifier.", ["lr"])
+
 
 @dataclass
 class VaeTrainConfig:
@@ -21,6 +26,10 @@ class VaeTrainConfig:
     batch_size: int = option(32, "images per VAE step")
     lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
     kl_weight: float = option(1e-6, "weight of the KL term; tiny, as in SD's VAE, so latents stay informative")
+
+    def validate(self) -> None:
+        check_min(self, "vae.", {"steps": 1, "batch_size": 1, "kl_weight": 0})
+        check_positive(self, "vae.", ["lr"])
 
 
 @dataclass
@@ -33,13 +42,25 @@ class UnetTrainConfig:
     min_snr_gamma: float = option(5.0, "Min-SNR loss weighting (Hang et al. 2023): converges several times faster; 0 = off")
     ema_decay: float = option(0.999, "EMA of UNet + text-encoder weights; the EMA weights are shipped; 0 = off")
 
+    def validate(self) -> None:
+        check_min(self, "unet.", {"steps": 1, "batch_size": 1, "dataset_size": 1, "min_snr_gamma": 0})
+        check_positive(self, "unet.", ["lr"])
+        for key in ("caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"config key 'unet.{key}' must be in [0, 1), got {getattr(self, key)}")
+
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = option("outputs/tiny-pretrain", "where tiny-sd/, classifier.* and summary.json are written")
+    output_dir: str = option("outputs/tiny-pretrain", "where tiny-sd/, classifier.* and summary.json are written "
+                                                      "(relative: to the current directory)")
     seed: int = option(0, "seed for rendering, initialisation and noise: the run is reproducible from it")
     classifier: ClassifierTrainConfig = option(factory=ClassifierTrainConfig, help="fidelity classifier training")
     vae: VaeTrainConfig = option(factory=VaeTrainConfig, help="VAE training")
     unet: UnetTrainConfig = option(factory=UnetTrainConfig, help="UNet + text encoder training")
     threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is often faster when other jobs share the cores")
     quality_images: int = option(56, "eval-prompt images generated for the closing quality check (0 = skip)")
+
+    def validate(self) -> None:
+        check_seed(self.seed, "seed", count=2)  # the classifier is evaluated with seed + 1
+        check_min(self, "", {"threads": 0, "quality_images": 0})
