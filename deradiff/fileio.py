@@ -139,3 +139,27 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(Path(path).read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise DeradiffError(f"{what} '{path}' is not valid JSON ({exc}); delete it to redo the work it records") from None
+
+
+def remove_outputs(folder: str | os.PathLike, names: tuple[str, ...]) -> None:
+    """Remove the files and folders a stage writes into `folder`, in the order given (the file that marks a
+    finished run first, so an interrupted removal never leaves it beside missing outputs); other files stay."""
+    for name in names:
+        path = Path(folder) / name
+        if path.is_dir() and not path.is_symlink():
+            remove_dir(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def folder_digest(folder: str | os.PathLike) -> str:
+    """A short sha256 of every file's name and bytes under `folder` ("" when it does not exist): a stage keyed
+    by it reruns when its input was replaced or damaged, not only when its config changed."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16] if root.is_dir() else ""

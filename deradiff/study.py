@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from deradiff.config import check_file, check_min, config_to_dict, load_config, option
-from deradiff.errors import ConfigError
-from deradiff.fileio import check_output_dir, content_key, read_json, write_text_atomic
+from deradiff.errors import ConfigError, DeradiffError
+from deradiff.fileio import check_output_dir, content_key, folder_digest, read_json, write_text_atomic
 from deradiff.training.checkpoint import FINAL_LORA, check_resume, weight_settings
 from deradiff.training.config import TrackerSection
 from deradiff.training.lock import OutputDirLock
@@ -99,15 +99,24 @@ def run_stage(study_dir: Path, name: str, key_data: Any, fn: Callable[[], dict[s
     exists (a deleted LoRA or results file reruns its stage); the marker is written last, atomically."""
     marker = study_dir / "stages" / f"{name}.json"
     key = stage_key(key_data)
-    if marker.is_file():
-        done = read_json(marker, "stage marker")
-        if done.get("key") == key and all(Path(p).exists() for p in done["result"].get("outputs", [])):
-            return StageRecord(name, key, done["seconds"], done["result"], skipped=True)
+    done = read_marker(marker) if marker.is_file() else None
+    if done is not None and done["key"] == key and all(Path(p).exists() for p in done["result"].get("outputs", [])):
+        return StageRecord(name, key, float(done["seconds"]), done["result"], skipped=True)
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
     write_text_atomic(marker, json.dumps({"key": key, "seconds": seconds, "result": result}, indent=2, default=str))
     return StageRecord(name, key, seconds, result)
+
+
+def read_marker(marker: Path) -> dict[str, Any]:
+    """A done-marker as `run_stage` writes it ({key, seconds, result}); anything else is named as damaged."""
+    done = read_json(marker, "stage marker")
+    if not (isinstance(done, dict) and isinstance(done.get("key"), str) and isinstance(done.get("result"), dict)
+            and isinstance(done.get("seconds"), (int, float)) and not isinstance(done["seconds"], bool)):
+        raise DeradiffError(f"stage marker '{marker}' is damaged (expected key, seconds and result); delete it to "
+                            "redo that stage")
+    return done
 
 
 # ---- stage configs ---------------------------------------------------------------------------------------
@@ -190,8 +199,10 @@ def eval_stage(cfg: StudyConfig, anchor: StageRecord, retrained: Sequence[StageR
     from deradiff.eval.compare import run_eval
 
     ecfg = eval_config(cfg, anchor.result["lora_dir"], [r.result["lora_dir"] for r in retrained])
+    loras = [anchor.result["lora_dir"], *(r.result["lora_dir"] for r in retrained)]
     key = {"eval": {k: v for k, v in config_to_dict(ecfg).items() if k not in ("tracker", "group")},
-           "upstream": [anchor.key, *(r.key for r in retrained)]}
+           "upstream": [anchor.key, *(r.key for r in retrained)],
+           "loras": [folder_digest(lora) for lora in loras]}  # a LoRA replaced on disk reruns the eval
 
     def evaluate() -> dict[str, Any]:
         result = run_eval(ecfg)

@@ -124,3 +124,54 @@ def test_a_deleted_lora_is_named_as_missing_with_its_key(loras, tmp_path):
     gone = str(tmp_path / "deleted-lora")
     with pytest.raises(DeradiffError, match=r"config key 'retrained_loras\[0\]': LoRA folder .*deleted-lora' does not exist"):
         run_eval(_config(tmp_path / "out", (anchor, [gone])), loader=never_loads, rewards={"brightness": brightness})
+
+
+def test_an_overwrite_leaves_exactly_the_files_a_fresh_eval_writes(loras, tmp_path):
+    """Was: an old grid and the old samples.safetensors stayed beside the new results (also on study reruns)."""
+    from test_reliability_helpers import files_under
+
+    two = ["prompts=[red circle, blue square]", "grid_prompts=2"]
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    run_eval(_config(out, loras, *two, "save_samples=true"), rewards={"brightness": brightness})
+    assert "grids/grid_1.png" in files_under(out) and "samples.safetensors" in files_under(out)
+    smaller = ["prompts=[red circle, blue square]", "grid_prompts=1", "save_samples=false", "seeds=[0, 1, 2]"]
+    run_eval(_config(out, loras, *smaller, "overwrite=true"), rewards={"brightness": brightness})
+    run_eval(_config(fresh, loras, *smaller), rewards={"brightness": brightness})
+    assert files_under(out) == files_under(fresh)
+
+
+@pytest.mark.parametrize("other", [{"method": "dpo", "beta_units": "implicit"},
+                                   {"method": "ddpo", "beta_units": "reward", "reward": "jpeg_compressibility"}])
+def test_retrained_loras_with_beta_on_another_scale_are_refused(tmp_path, other):
+    """Was: a DPO LoRA at beta 500 was compared with a reward_grad anchor at 0.08 as lambda 0.00016."""
+    meta = {"base_model": str(tmp_path / "base"), "beta": 0.08, "method": "reward_grad", "beta_units": "reward",
+            "reward": "vividness"}
+    anchor = save_random_lora(tmp_path / "anchor", meta, 1.0, rank=1)
+    retrained = save_random_lora(tmp_path / "other", {**meta, **other, "beta": 500.0}, 1.0, rank=1)
+    with pytest.raises(DeradiffError, match=r"retrained_loras\[0\].*on different scales"):
+        run_eval(_config(tmp_path / "out", (anchor, [retrained])), loader=never_loads, rewards={"brightness": brightness})
+
+
+@pytest.mark.parametrize("damage, note", [
+    ("truncated", "unreadable"),
+    ("wrong count", "5 images, expected 4"),
+    ("nan", "non-finite values"),
+])
+def test_a_damaged_oracle_cache_is_sampled_again(tmp_path, capsys, damage, note):
+    """Was: a truncated cache exited 1 (SafetensorError), one of the wrong shape failed in the reward
+    (exit 1), one holding NaNs was reported as low ESS. Now each is named and re-sampled (it is a cache)."""
+    from safetensors.torch import save_file
+
+    from deradiff.eval.validation import read_cache
+
+    path = tmp_path / "base.safetensors"
+    save_file({"images": torch.rand(4, 3, 8, 8).half()}, str(path))
+    assert read_cache(path, 4) is not None
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        images = torch.rand(5 if damage == "wrong count" else 4, 3, 8, 8).half()
+        images[0, 0, 0, 0] = math.nan if damage == "nan" else 0.5
+        save_file({"images": images}, str(path))
+    assert read_cache(path, 4) is None
+    assert f"oracle cache '{path}' is damaged ({note}" in capsys.readouterr().out

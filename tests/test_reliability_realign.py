@@ -261,6 +261,27 @@ def test_a_deleted_lora_folder_is_named_as_missing(world, tmp_path, capsys):
     check_lora_dir(no_meta)  # an existing folder without metadata is not "missing"
 
 
+@pytest.mark.parametrize("kind, message", [
+    ("a file", "is a file; expected a LoRA folder"),
+    ("an empty folder", "has no pytorch_lora_weights.safetensors"),
+    ("garbled metadata", "is not valid JSON"),
+])
+def test_a_lora_folder_that_cannot_load_is_refused_before_the_base_model_loads(world, tmp_path, capsys, kind, message):
+    """Was: refused only after the base model had loaded, and a file was called 'does not exist'. The base
+    model here does not exist, so any error about it would mean the LoRA was checked too late."""
+    lora = tmp_path / "lora"
+    if kind == "a file":
+        lora.write_text("x")
+    elif kind == "an empty folder":
+        lora.mkdir()
+    else:
+        shutil.copytree(world["lora"], lora)
+        (lora / "deradiff_metadata.json").write_text('{"beta": 0.')
+    code, _, err = run_cli(realign_args(world, tmp_path / "samples", f"lora_dir={lora}",
+                                        f"base_model={tmp_path / 'no-base'}"), capsys)
+    assert_one_line_error(code, err, message)
+
+
 # --- 6. the realign CLI's output folder ------------------------------------------------------------------
 def test_a_second_run_into_a_locked_folder_is_refused_with_the_owner_named(world, tmp_path, capsys):
     """Was: two concurrent runs into one folder both succeeded and mixed their images."""
@@ -320,3 +341,16 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_loading(world, 
     code, _, err = run_cli(realign_args(world, out, f"base_model={tmp_path / 'nobase'}"), capsys)
     assert_one_line_error(code, err, f"output_dir '{out}'")
     assert out.is_symlink() if kind == "dangling-link" else out.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("beta", [-1.0, 0.0, float("nan"), float("inf"), True])
+def test_realign_refuses_a_beta_that_is_not_a_kl_strength(beta):
+    """Was: beta=-1 was accepted and effective_beta reported -1.0."""
+    import peft
+
+    import deradiff
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.add_adapter(peft.LoraConfig(r=1, target_modules=["to_q"]))
+    with pytest.raises(DeradiffError, match="beta must be a positive number"):
+        deradiff.realign(pipe, lam=1.0, beta=beta)

@@ -253,12 +253,19 @@ def test_a_damaged_record_of_a_run_is_one_clear_error(finished, tmp_path, capsys
     assert_one_line_error(code, err, named, damaged.split("/")[-1])
 
 
-def test_a_damaged_stage_marker_is_one_clear_error(finished, tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ("[]", "is damaged"),
+    ('{"key": "k", "result": {}}', "is damaged"),
+    ('{"key": "k", "seconds": "abc", "result": {}}', "is damaged"),
+])
+def test_a_damaged_stage_marker_is_one_clear_error(finished, tmp_path, content, message):
+    """Was: JSON that is valid but not a marker exited 1 (AttributeError, KeyError, TypeError)."""
     assets, _ = finished
     cfg = _study(assets, tmp_path)
     record = study.train_stage(cfg, 5000.0, [])
-    (tmp_path / "stages" / f"{record.name}.json").write_text("{not json")
-    with pytest.raises(DeradiffError, match=r"stage marker .*is not valid JSON.*delete it"):
+    (tmp_path / "stages" / f"{record.name}.json").write_text(content)
+    with pytest.raises(DeradiffError, match=f"stage marker .*{message}.*delete it"):
         study.train_stage(cfg, 5000.0, [])
 
 
@@ -266,3 +273,33 @@ def test_lora_target_modules_matching_no_layer_is_a_user_error(finished, tmp_pat
     assets, _ = finished
     code, _, err = run_cli(train_args(assets["config"], tmp_path / "run", STEPS, "lora.target_modules=[no_such_layer]"), capsys)
     assert_one_line_error(code, err, "lora.target_modules", "no_such_layer")
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("truncate model.safetensors", "could not be loaded"),
+    ("truncate random_states_0.pkl", "damaged random_states_0.pkl"),
+    ("delete random_states_0.pkl", "lacks random_states_0.pkl"),
+])
+def test_a_damaged_checkpoint_file_is_refused_not_resumed_differently(finished, tmp_path, capsys, damage, named):
+    """Was: a truncated model file exited 1 (SafetensorError); a damaged or missing RNG state resumed silently
+    on another random stream (accelerate only logs it), so the adapter differed from the uninterrupted run."""
+    import shutil
+
+    assets, out = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    action, name = damage.split()
+    target = copy / "checkpoints" / "step-00000004" / name
+    target.write_bytes(target.read_bytes()[:10]) if action == "truncate" else target.unlink()
+    code, _, err = run_cli(train_args(assets["config"], copy, STEPS, "train.resume_from=latest"), capsys)
+    assert_one_line_error(code, err, named, "step-00000004")
+
+
+def test_a_resume_with_no_step_left_keeps_the_final_metrics(finished, capsys):
+    assets, out = finished
+    before = json.loads((out / "summary.json").read_text())
+    code, _, err = run_cli(train_args(assets["config"], out, STEPS, "train.resume_from=latest"), capsys)
+    assert code == 0, err
+    after = json.loads((out / "summary.json").read_text())
+    finals = {k: v for k, v in before.items() if k.startswith("final_")}
+    assert finals and {k: after[k] for k in finals} == finals

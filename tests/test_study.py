@@ -189,3 +189,20 @@ def test_a_deleted_lora_reruns_its_stage_and_tracker_settings_rerun_nothing(tmp_
         *overrides[:-3], "tracker.backend=wandb", "tracker.mode=disabled", 'train_overrides=["train.log_every=7"]',
         overrides[-1]])
     assert all(r.skipped for r in study.run_study(quieter).stages)
+
+
+def test_a_lora_replaced_on_disk_reruns_the_eval(tmp_path, monkeypatch):
+    """Was: every stage "done earlier" and the report described weights no longer on disk."""
+    import shutil
+
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(study, "trainer_spec", lambda method: _fake_trainer(tmp_path / "base"))
+    overrides = [f"output_dir={tmp_path / 'run'}", f"beta0={BETA0}", "betas=[1000.0]", "make_prefs=false",
+                 "tracker.backend=none",
+                 'eval_overrides=["prompts=[red circle]", "seeds=[0,1]", "sampling.steps=2", "rewards=[vividness]", '
+                 '"kid_features=none", "extra_lambdas=[]", "bootstrap.replicates=0"]']
+    cfg = load_config(study.StudyConfig, "configs/tiny/study_dpo.yaml", overrides)
+    first = study.run_study(cfg)
+    anchor, retrained = (Path(r.result["lora_dir"]) for r in first.stages[:2])
+    shutil.copy(anchor / "pytorch_lora_weights.safetensors", retrained / "pytorch_lora_weights.safetensors")
+    assert [r.skipped for r in study.run_study(cfg).stages] == [True, True, False]

@@ -125,6 +125,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' does not exist (expected a YAML file)")
     try:
         data = yaml.load(path.read_text(), Loader=_TextLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a UTF-8 text file (expected a YAML file)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:

@@ -14,7 +14,7 @@ import torch
 
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
-from deradiff.fileio import atomic_path, check_output_dir
+from deradiff.fileio import atomic_path, check_output_dir, remove_outputs
 from deradiff.eval import report, validation
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
@@ -27,6 +27,8 @@ from deradiff.training.lock import OutputDirLock
 from deradiff.training.tracking import retire_runs
 
 RESULTS = "results.json"
+# What an eval writes into output_dir, results.json first: it marks a finished eval.
+OUTPUTS = (RESULTS, "results.csv", "approximation.csv", "samples.csv", "report.html", "samples.safetensors", "plots", "grids")
 NOTES = ("LPIPS is not computed (no LPIPS weights offline); KID uses {features} features "
          "(no Inception weights offline); path KL is summed over all DDIM steps (eta = {eta:g}).")
 
@@ -152,6 +154,7 @@ def write_outputs(out: Path, cfg: EvalConfig, variants: Sequence[Variant], sampl
                   jobs: Sequence[Job], results: dict[str, Any]) -> Path:
     """Results first (the numbers survive whatever happens to a figure), then plots, grids, samples, the
     results again with the figure paths, and the HTML report, under `out`."""
+    remove_outputs(out, OUTPUTS)  # an overwrite leaves no grid, plot or sample file of the earlier eval
     report.write_results(out, results)
     for sub in ("plots", "grids"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -80,5 +80,18 @@ def plan(cfg: EvalConfig) -> tuple[LoraInfo, list[Variant]]:
     """The anchor and the full list of variants for a config."""
     anchor = read_lora(cfg.anchor_lora, "anchor_lora")
     retrained = [read_lora(p, f"retrained_loras[{i}]") for i, p in enumerate(cfg.retrained_loras)]
+    check_same_scale(anchor, retrained)
     lambdas = cfg.lambdas if cfg.lambdas is not None else default_lambdas(anchor.beta, [r.beta for r in retrained], cfg.extra_lambdas)
     return anchor, plan_variants(anchor, retrained, lambdas, cfg.weight_scaled)
+
+
+def check_same_scale(anchor: LoraInfo, retrained: Sequence[LoraInfo]) -> None:
+    """lambda = beta0 / beta compares models only when both betas are on one scale: the same units (reward vs
+    DPO's implicit reward) and, in reward units, the same reward. Unknown fields (older LoRAs) are not judged."""
+    for i, other in enumerate(retrained):
+        for field in ("beta_units", "reward"):
+            mine, theirs = getattr(anchor, field), getattr(other, field)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise DeradiffError(
+                    f"config key 'retrained_loras[{i}]': LoRA '{other.path}' has {field} '{theirs}' but the anchor has "
+                    f"'{mine}'; their betas are on different scales, so lambda = beta0 / beta would compare unlike models")

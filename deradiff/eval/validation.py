@@ -84,11 +84,12 @@ def cache_file(base_model: str, prompts: Sequence[str], settings: SampleSettings
 def oracle_samples(base: Variant, base_model: str, prompts: Sequence[str], settings: SampleSettings, section: OracleSection,
                    batch_size: int, loader: Loader, device: str) -> tuple[torch.Tensor | None, Path, bool]:
     """(images of every base sample in job order, cache file, whether it came from the cache); None off main."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path = cache_file(base_model, prompts, settings, section)
-    if path.is_file():
-        return load_file(str(path))["images"].float(), path, True
+    cached = read_cache(path, len(prompts) * section.samples_per_prompt) if path.is_file() else None
+    if cached is not None:
+        return cached, path, True
     samples = sample_distributed([base], base_model, oracle_jobs(prompts, section), settings, batch_size, loader, device,
                                  desc="oracle base samples")
     if samples is None:
@@ -97,6 +98,25 @@ def oracle_samples(base: Variant, base_model: str, prompts: Sequence[str], setti
     with atomic_path(path) as tmp:           # from the cache gives the same numbers
         save_file({"images": images.contiguous()}, str(tmp))
     return images.float(), path, False
+
+
+def read_cache(path: Path, count: int) -> torch.Tensor | None:
+    """The cached base images, or None (with a note) when the file is damaged: unreadable, the wrong number of
+    images, or non-finite values. It is a cache, so a damaged one is sampled again and replaced."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        images = load_file(str(path)).get("images")
+    except (SafetensorError, OSError) as exc:
+        images, why = None, f"unreadable: {exc}"
+    else:
+        why = "no images" if images is None else f"{len(images)} images, expected {count}"
+    if images is not None and len(images) == count and bool(torch.isfinite(images).all()):
+        return images.float()
+    why = "non-finite values" if images is not None and len(images) == count else why
+    print(f"note: oracle cache '{path}' is damaged ({why}); sampling it again")
+    return None
 
 
 # ---- evidence --------------------------------------------------------------------------------------------

@@ -161,15 +161,16 @@ def _first_line(exc: BaseException, prefer: str = "") -> str:
 
 
 def check_lora_dir(lora_dir: str | os.PathLike, key: str = "lora_dir") -> None:
-    """Refuse, before anything loads, a LoRA folder deradiff cannot sample correctly: a missing folder, or a
-    weights file that adapts a text encoder or holds non-finite values (see `check_lora_file`). `key`: the
-    config key that named the folder."""
+    """Refuse, before anything loads, a LoRA folder deradiff cannot sample correctly: missing, not a folder,
+    without exactly one safetensors LoRA, with damaged metadata, or with weights that adapt a text encoder or
+    hold non-finite values (see `check_lora_file`). `key`: the config key that named the folder."""
     folder = Path(lora_dir).expanduser()
     if not folder.exists():
         raise DeradiffError(f"config key '{key}': LoRA folder '{folder}' does not exist (expected a folder with {LORA_WEIGHTS})")
-    if folder.is_dir():
-        for file in sorted(folder.glob("*.safetensors")):
-            check_lora_file(file)
+    if not folder.is_dir():
+        raise DeradiffError(f"config key '{key}': '{folder}' is a file; expected a LoRA folder with {LORA_WEIGHTS}")
+    check_lora_file(folder / _lora_weight_file(folder))
+    read_lora_metadata(folder)
 
 
 def check_lora_file(path: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ not linear, so mixing before it differs from mixing the two rescaled predictions
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -135,6 +136,7 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
     two calls for larger batches (memory and measured speed; see RealignedDenoiser). Not given: auto for a
     new realignment, the current setting when the pipe is already realigned.
     """
+    _check_beta(beta)
     handle = pipe.__dict__.get(HANDLE_ATTR)
     if handle is not None and handle.active:
         if aligned_unet is None or aligned_unet is handle.denoiser.aligned_model:
@@ -193,6 +195,13 @@ def _check_compatible(model: nn.Module, aligned: nn.Module) -> None:
         a, b = getattr(model.config, key, None), getattr(aligned.config, key, None)
         if a != b:
             raise DeradiffError(f"aligned_unet does not match the pipeline's model: config {key} is {b!r}, expected {a!r}")
+
+
+def _check_beta(beta: float | None) -> None:
+    """beta is a KL strength: a positive, finite number (or None: from the LoRA's metadata)."""
+    valid = isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0
+    if beta is not None and not valid:
+        raise DeradiffError(f"beta must be a positive number (the KL strength the LoRA was trained at), got {beta!r}")
 
 
 def _metadata_beta(pipe: Any) -> float | None:

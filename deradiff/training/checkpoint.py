@@ -158,13 +158,37 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     scheduler, RNG) with `torch.load(weights_only=True)`, which refuses pickled code. A file that fails to
     load is a one-line error naming the checkpoint, not a traceback.
     """
+    from safetensors import SafetensorError
+
     _refuse_pickled_weights(path)
+    state = read_json(path / STATE_NAME, "checkpoint state")
+    _check_rng_state(accelerator, path, state.get("world_size"))
     try:
         accelerator.load_state(str(path))
-        return json.loads((path / STATE_NAME).read_text())
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DeradiffError(f"checkpoint '{path}' could not be loaded: {first}") from exc
+    return state
+
+
+def _check_rng_state(accelerator: Accelerator, path: Path, saved_world_size: int | None) -> None:
+    """accelerate skips an unreadable or missing RNG state with an info log and resumes on another random
+    stream, so the result silently differs from the uninterrupted run: refuse instead. A rank the saved run
+    did not have (resuming on more processes) has no state to restore."""
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    rng = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    if not rng.is_file():
+        if saved_world_size in (None, accelerator.num_processes):
+            raise DeradiffError(f"checkpoint '{path}' lacks {rng.name}; without it a resume would not continue the "
+                                "same random stream (resume from an earlier checkpoint, or train.overwrite=true)")
+        return
+    try:
+        load(rng)
+    except Exception as exc:  # noqa: BLE001 - whatever accelerate would swallow
+        raise DeradiffError(f"checkpoint '{path}' has a damaged {rng.name} ({type(exc).__name__}); resume from an "
+                            "earlier checkpoint, or train.overwrite=true") from None
 
 
 def check_fresh_start(output_dir: str | os.PathLike, overwrite: bool, remove: bool = True) -> None:

@@ -249,7 +249,8 @@ class Trainer:
         self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process)
         self._announce(start)
         self.history = read_history(self.output_dir, start)
-        last, step = {}, start
+        # a resume with no step left keeps the metrics of the step that finished the run
+        last, step = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k != "step"}, start
         self._t0 = t0 = time.perf_counter()
         # closed on errors too, so an error line never lands on the unfinished progress-bar line
         with tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train") as progress:
