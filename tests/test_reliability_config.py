@@ -328,3 +328,11 @@ def test_cpu_2proc_falls_back_to_accelerate_on_path(tmp_path):
                                      "--mixed_precision no --dynamo_backend no train/dpo.py --config c.yaml")
     missing = _run_script(script, BARE_PATH, "train/dpo.py")
     assert missing.returncode == 2 and "accelerate not found" in missing.stderr and ".venv" in missing.stderr
+
+
+def test_a_binary_config_file_is_one_error_line(tmp_path, capsys):
+    """Was: exit 1 with a UnicodeDecodeError."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\x00\x01\xff\xfe garbage")
+    code, _, err = run_cli(["data", "prefs", "--config", str(bad)], capsys)
+    assert_one_line_error(code, err, f"config file '{bad}' is not a UTF-8 text file")
