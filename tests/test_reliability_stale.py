@@ -303,3 +303,20 @@ def test_a_resume_with_no_step_left_keeps_the_final_metrics(finished, capsys):
     after = json.loads((out / "summary.json").read_text())
     finals = {k: v for k, v in before.items() if k.startswith("final_")}
     assert finals and {k: after[k] for k in finals} == finals
+
+
+def test_a_folder_made_only_for_the_lock_is_removed_when_the_run_leaves_it_empty(tmp_path):
+    """Was: a run stopped on bad input (a damaged cache, a missing model) left an empty output folder."""
+    from deradiff.training.lock import OutputDirLock
+
+    with pytest.raises(RuntimeError):
+        with OutputDirLock(tmp_path / "new"):
+            raise RuntimeError("bad input found after the lock")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with OutputDirLock(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir()  # the user's own (empty) folder stays
+    with OutputDirLock(tmp_path / "used"):
+        (tmp_path / "used" / "result.txt").write_text("done")
+    assert (tmp_path / "used" / "result.txt").is_file()

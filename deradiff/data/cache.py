@@ -16,15 +16,17 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from deradiff.data.pickapic import decode_image
+from deradiff.errors import DeradiffError
 from deradiff.fileio import match_umask
 
 INDEX = "index.json"
@@ -111,11 +113,11 @@ class LivePairs:
 
 
 class CachedPairs:
-    """Reads a cache folder written by `build_cache`."""
+    """Reads a cache folder written by `build_cache`; a damaged one raises DeradiffError naming the file."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.index = json.loads((self.folder / INDEX).read_text())
+        self.index = _read_index(self.folder / INDEX)
         self.shard_rows = int(self.index["shard_rows"])
         self._handles: dict[int, Any] = {}
 
@@ -124,8 +126,30 @@ class CachedPairs:
 
     def _shard(self, i: int):
         if i not in self._handles:
-            self._handles[i] = safe_open(str(self.folder / self.index["shards"][i]), framework="pt")
+            path = self.folder / self.index["shards"][i]
+            try:
+                self._handles[i] = safe_open(str(path), framework="pt")
+            except (OSError, SafetensorError) as exc:
+                raise DeradiffError(f"latent cache shard '{path}' is damaged or missing ({exc})") from None
         return self._handles[i]
+
+    def check(self, rows: int) -> None:
+        """Raise DeradiffError naming the file if the cache is not a complete one of `rows` rows: every shard
+        opens (safetensors checks its header against the file size, so a truncated shard fails here) and the
+        shards hold exactly the rows the index promises. Reads headers only."""
+        if len(self) != rows:
+            raise DeradiffError(f"latent cache index '{self.folder / INDEX}' lists {len(self)} rows, the data has {rows}")
+        held, last = 0, len(self.index["shards"]) - 1
+        for i in range(last + 1):
+            shard = self._shard(i)
+            counts = {shard.get_slice(key).get_shape()[0] for key in shard.keys()}
+            # `get` finds row r in shard r // shard_rows: every shard but the last must be full
+            if len(counts) != 1 or (i < last and counts != {self.shard_rows}):
+                raise DeradiffError(f"latent cache shard '{self.folder / self.index['shards'][i]}' is damaged "
+                                    f"(row counts {sorted(counts)}, expected {self.shard_rows} per full shard)")
+            held += counts.pop()
+        if held != rows:
+            raise DeradiffError(f"latent cache shards in '{self.folder}' hold {held} rows, its index lists {rows}")
 
     def get(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         rows: dict[str, list[torch.Tensor]] = {}
@@ -146,7 +170,9 @@ def build_cache(dataset: Any, encoder: Encoder, folder: str | os.PathLike, batch
     """Encode every row once into `folder` (temp folder + rename: an interrupted build is never used)."""
     folder = Path(folder)
     if (folder / INDEX).is_file():
-        return CachedPairs(folder)
+        cached = _intact_cache(folder, len(dataset))
+        if cached is not None:
+            return cached
     from tqdm.auto import tqdm
 
     shard_rows = -(-shard_rows // batch_size) * batch_size  # whole encode batches per shard
@@ -165,6 +191,32 @@ def build_cache(dataset: Any, encoder: Encoder, folder: str | os.PathLike, batch
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return CachedPairs(folder)
+
+
+def _intact_cache(folder: Path, rows: int) -> CachedPairs | None:
+    """The cache in `folder` if it is whole; else None after a note. Why rebuild rather than refuse: a cache
+    only saves time, and a damaged one (a disk filled mid-copy, an edited index) can be rebuilt from the data."""
+    try:
+        cached = CachedPairs(folder)
+        cached.check(rows)
+        return cached
+    except DeradiffError as exc:
+        print(f"note: {exc}; rebuilding the latent cache", file=sys.stderr, flush=True)
+        return None
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    """index.json, checked for the keys the reader needs."""
+    try:
+        index = json.loads(path.read_bytes())
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise DeradiffError(f"latent cache index '{path}' is not valid JSON ({exc})") from None
+    ok = (isinstance(index, dict) and isinstance(index.get("rows"), int) and isinstance(index.get("shard_rows"), int)
+          and index["shard_rows"] > 0 and isinstance(index.get("shards"), list)
+          and all(isinstance(name, str) for name in index["shards"]))
+    if not ok:
+        raise DeradiffError(f"latent cache index '{path}' is damaged (expected rows, shard_rows and shards)")
+    return index
 
 
 def _write_shard(folder: Path, i: int, parts: list[dict[str, torch.Tensor]]) -> str:

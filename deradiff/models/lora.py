@@ -25,7 +25,7 @@ from peft.utils import get_peft_model_state_dict
 
 from deradiff.errors import DeradiffError
 from deradiff.fileio import match_umask, replace_dir
-from deradiff.models.pipelines import LORA_METADATA
+from deradiff.models.pipelines import LORA_METADATA, LORA_WEIGHTS
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -98,6 +98,33 @@ def _pipeline_class(unet: torch.nn.Module) -> type:
     return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
 
 
+def _stable(value: Any) -> Any:
+    """`value` with every set turned into a sorted list. Why: peft keeps target_modules as a set, whose order
+    follows string hashing and so changes between processes; diffusers writes it into the safetensors header
+    as listed, which made LoRA files of identical runs differ byte for byte."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors file with the keys of its header's `__metadata__` sorted. Why: safetensors keeps
+    that map in a Rust HashMap and writes it in an order that changes from call to call, so two saves of one
+    adapter differed byte for byte. Tensor entries and data are kept as written."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to an 8-byte boundary
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+
+
 def save_lora(
     unet: torch.nn.Module,
     out_dir: str | os.PathLike,
@@ -122,8 +149,9 @@ def save_lora(
             str(tmp),
             unet_lora_layers=lora_state_dict(model),
             safe_serialization=True,
-            unet_lora_adapter_metadata=peft_config.to_dict(),
+            unet_lora_adapter_metadata=_stable(peft_config.to_dict()),
         )
+        _sort_header_metadata(tmp / LORA_WEIGHTS)  # before the folder is published
         full = {
             **metadata,
             "lora_rank": peft_config.r,

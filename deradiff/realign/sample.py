@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from deradiff.config import check_device, check_file, check_seeds, option, save_config
 from deradiff.errors import ConfigError, DeradiffError
-from deradiff.fileio import atomic_path, check_output_dir, remove_dir, write_error, write_text_atomic
+from deradiff.fileio import atomic_path, check_output_dir, remove_outputs, write_error, write_text_atomic
 from deradiff.training.lock import LOCK_NAME, OutputDirLock
 
 # What a run writes into output_dir, in the order overwrite removes it: manifests first, so an interrupted
@@ -120,11 +120,11 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     # locked only once every input has loaded: a bad input leaves no folders behind
     with OutputDirLock(out):
         _check_results_absent(out, config.overwrite)  # again: another run may have finished into it meanwhile
-        _remove_outputs(out)
+        remove_outputs(out, OUTPUTS)
         try:
             return _sample_all(pipe, out, prompts, config, metadata, device)
         except BaseException:
-            _remove_outputs(out)  # a failed run leaves no half-written results
+            remove_outputs(out, OUTPUTS)  # a failed run leaves no half-written results
             raise
 
 
@@ -212,16 +212,6 @@ def _check_results_absent(out: Path, overwrite: bool) -> None:
         raise DeradiffError(f"output_dir '{out}' is not empty; choose another or pass overwrite=true")
 
 
-def _remove_outputs(out: Path) -> None:
-    """Remove what a run writes (OUTPUTS, in that order); other files in output_dir are left alone."""
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            remove_dir(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
 def _make_output_dirs(out: Path) -> None:
     for sub in ("images", "grids"):
         try:
@@ -242,7 +232,12 @@ def _prompts(config: RealignConfig) -> list[str]:
     path = Path(config.prompts_file) if config.prompts_file else _tiny_eval_prompts_file()
     if not path.is_file():
         raise DeradiffError(f"prompts_file '{path}' does not exist (expected a text file, one prompt a line)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # a binary file is the user's error, not a crash
+        raise DeradiffError(f"prompts_file '{path}' is not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
+                            "expected one prompt a line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise DeradiffError(f"prompts_file '{path}' has no prompts")
     return prompts

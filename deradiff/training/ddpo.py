@@ -45,7 +45,7 @@ def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None) -> dict[str, Any]:
                       tracker_override=tracker, sample_unit="sample_steps")
     set_seed(cfg.train.seed)
     reward_fn = get_reward(cfg.ddpo.reward, **cfg.ddpo.reward_options)  # fails fast (unknown name, missing weights) before any loading
-    prompts = load_prompt_source(cfg.ddpo.prompts)
+    prompts = load_prompt_source(cfg.ddpo.prompts, "ddpo.prompts")
     base = resolve_base_model(cfg.model.pretrained)
     pipe, params = load_models(cfg, base, trainer)
     model = trainer.prepare(pipe.unet, params)
@@ -102,8 +102,9 @@ def _metadata(cfg: DDPOConfig, base: str, engine: Any) -> dict[str, Any]:
     }
 
 
-def load_prompt_source(source: str | list[str]) -> list[str]:
-    """Prompts from a list, 'world:<split>' (tiny world) or a text file with one prompt per line."""
+def load_prompt_source(source: str | list[str], key: str = "ddpo.prompts") -> list[str]:
+    """Prompts from a list, 'world:<split>' (tiny world) or a text file with one prompt per line; `key` is the
+    config key the source came from, named in every error (reward_grad shares this loader)."""
     if isinstance(source, list):
         prompts = [p for p in source if p.strip()]
     elif source.startswith("world:"):
@@ -113,11 +114,20 @@ def load_prompt_source(source: str | list[str]) -> list[str]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise DeradiffError(f"ddpo.prompts '{source}' is neither 'world:train'/'world:eval' nor an existing text file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise DeradiffError(f"{key} '{source}' is neither 'world:train'/'world:eval' nor an existing text file")
+        prompts = [line.strip() for line in _read_utf8(path, key).splitlines() if line.strip()]
     if not prompts:
-        raise DeradiffError(f"ddpo.prompts '{source}' holds no prompts")
+        raise DeradiffError(f"{key} '{source}' holds no prompts")
     return prompts
+
+
+def _read_utf8(path: Path, key: str) -> str:
+    """The file's text; a binary or otherwise non-UTF-8 file is the user's error, not a crash."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DeradiffError(f"{key} '{path}' is not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
+                            "expected one prompt a line") from None
 
 
 register_trainer(TrainerSpec("ddpo", DDPOConfig, run_ddpo, "configs/tiny/ddpo.yaml", "KL-regularized DDPO (reward + beta)"))

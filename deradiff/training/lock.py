@@ -33,8 +33,10 @@ class OutputDirLock:
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOCK_NAME
         self.held = False
+        self.created = False  # this run made the folder: removed again on release if the run left it empty
 
     def acquire(self) -> None:
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
         for _ in range(2):
@@ -70,9 +72,13 @@ class OutputDirLock:
         )
 
     def release(self) -> None:
+        """Drop the lock; a folder this run created and left empty (it stopped on bad input) goes too."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            folder = self.path.parent
+            if self.created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def __enter__(self) -> "OutputDirLock":
         self.acquire()

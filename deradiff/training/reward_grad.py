@@ -128,7 +128,7 @@ def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None) -> 
                       tracker_override=tracker, sample_unit="chains")
     set_seed(cfg.train.seed)
     reward_fn = get_reward(cfg.reward_grad.reward, **cfg.reward_grad.reward_options)
-    prompts = load_prompt_source(cfg.reward_grad.prompts)
+    prompts = load_prompt_source(cfg.reward_grad.prompts, "reward_grad.prompts")
     base = resolve_base_model(cfg.model.pretrained)
     pipe, params = load_models(cfg, base, trainer)
     model = trainer.prepare(pipe.unet, params)

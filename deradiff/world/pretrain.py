@@ -8,6 +8,8 @@ jointly on cached latents, which is what keeps the full run within a few CPU min
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +20,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deradiff.config import save_config
-from deradiff.world.classifier import save_classifier, train_classifier
+from deradiff.errors import DeradiffError
+from deradiff.fileio import check_output_dir, remove_outputs
+from deradiff.training.lock import OutputDirLock
+from deradiff.world.classifier import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, save_classifier, train_classifier
 from deradiff.world.model import (assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae,
                                   save_pipeline)
 from deradiff.world.optim import adamw_one_cycle
@@ -27,6 +32,11 @@ from deradiff.world.promptset import load_prompts
 from deradiff.world.render import render_batch
 from deradiff.world.spec import parse_prompt
 from deradiff.world.tokenizer import build_tokenizer
+
+# What a run writes into output_dir, in the order an overwrite removes them: the file written last (the mark
+# of a finished run) first, so an interrupted removal never leaves it beside missing files.
+OUTPUTS = ("pretrain_config.yaml", "summary.json", "tiny-sd", CLASSIFIER_WEIGHTS, CLASSIFIER_CONFIG)
+STAGING_PREFIX = ".pretrain.tmp-"
 
 
 def render_dataset(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
@@ -127,8 +137,49 @@ class _Ema:
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train everything, save into cfg.output_dir, measure quality on eval prompts; returns the summary."""
-    out = Path(cfg.output_dir)
+    """Train everything, save into cfg.output_dir, measure quality on eval prompts; returns the summary.
+
+    Refusals (an output_dir that cannot be a folder, earlier results without overwrite, another live run) come
+    before any training. Files are written into a hidden staging folder and moved in only once all are done,
+    so a failed or killed run never leaves a half-built world, nor destroys the one it was to replace."""
+    out = check_output_dir(cfg.output_dir)
+    _check_results_absent(out, cfg.overwrite)
+    with OutputDirLock(out):
+        _check_results_absent(out, cfg.overwrite)  # again: another run may have finished into it meanwhile
+        _remove_stale_staging(out)
+        stage = out / f"{STAGING_PREFIX}{os.getpid()}"
+        try:
+            summary = _train_into(cfg, stage)
+            _publish(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _check_results_absent(out: Path, overwrite: bool) -> None:
+    """An earlier pretrain's files are never replaced unless `overwrite=true`."""
+    found = [name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if found and not overwrite:
+        raise DeradiffError(f"output_dir '{out}' already holds a pretrained world ({', '.join(found)}); "
+                            "pass overwrite=true to replace it, or pick another output_dir")
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging folders of killed runs: while this run holds the lock, no live run owns any of them."""
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Replace the earlier run's files (all of them: an overwrite removes what it replaces) with the new ones;
+    pretrain_config.yaml, the mark of a finished run, is moved in last."""
+    remove_outputs(out, OUTPUTS)
+    for name in reversed(OUTPUTS):
+        os.replace(stage / name, out / name)
+
+
+def _train_into(cfg: PretrainConfig, out: Path) -> dict:
+    """Train everything and write every file of OUTPUTS into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

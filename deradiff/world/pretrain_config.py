@@ -60,6 +60,11 @@ class PretrainConfig:
     unet: UnetTrainConfig = option(factory=UnetTrainConfig, help="UNet + text encoder training")
     threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is often faster when other jobs share the cores")
     quality_images: int = option(56, "eval-prompt images generated for the closing quality check (0 = skip)")
+    # Off by default even though the default output_dir is a scratch folder: refreshing the shipped assets
+    # (output_dir=deradiff/world/assets) must be asked for, since it replaces files the package ships.
+    overwrite: bool = option(False, "replace an earlier pretrain's files in output_dir (tiny-sd/, classifier.*, "
+                                    "summary.json, pretrain_config.yaml; other files stay) instead of refusing; "
+                                    "needed to refresh the shipped assets: output_dir=deradiff/world/assets")
 
     def validate(self) -> None:
         check_seed(self.seed, "seed", count=2)  # the classifier is evaluated with seed + 1
