@@ -379,6 +379,8 @@ def preflight(cfg: StudyConfig) -> None:
     """What a stage would refuse, checked before the first one runs (preference generation alone takes minutes):
     every output folder, every stage's config, and whether each train folder's earlier run may be continued."""
     check_output_dir(cfg.output_dir)
+    check_output_dir(prefs_path(cfg).parent, "the study's prefs folder")
+    check_output_dir(Path(cfg.output_dir) / "stages", "the study's stages folder")
     loras = []
     for beta in [cfg.beta0, *cfg.betas]:
         tcfg = train_config(cfg, beta)

@@ -65,7 +65,7 @@ def test_missing_path_in_a_yaml_names_the_key(tmp_path, monkeypatch, capsys):
     (tmp_path / "conf" / "study.yaml").write_text(
         f"output_dir: out\nbeta0: 1.0\nbetas: [2.0]\ntrain_config: {CONFIGS / 'tiny/dpo.yaml'}\neval_config: eval.yaml\n")
     code, _, err = run_cli(["study", "--config", "conf/study.yaml"], capsys)
-    assert_one_line_error(code, err, "'eval_config'", "'conf/eval.yaml'", "does not exist", "YAML's folder")
+    assert_one_line_error(code, err, "'eval_config'", f"'{tmp_path / 'conf' / 'eval.yaml'}'", "does not exist", "YAML's folder")
     assert files_under(tmp_path / "out") == []
 
 
@@ -336,3 +336,13 @@ def test_a_binary_config_file_is_one_error_line(tmp_path, capsys):
     bad.write_bytes(b"\x00\x01\xff\xfe garbage")
     code, _, err = run_cli(["data", "prefs", "--config", str(bad)], capsys)
     assert_one_line_error(code, err, f"config file '{bad}' is not a UTF-8 text file")
+
+
+def test_a_yaml_relative_path_is_the_same_however_the_config_path_is_typed(monkeypatch):
+    """Otherwise `--config configs/...` and `--config $PWD/configs/...` would give different settings, and a
+    resume or a study stage would see a change that is not one."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    relative = load_config(study.StudyConfig, "configs/tiny/study.yaml")
+    absolute = load_config(study.StudyConfig, str(repo / "configs/tiny/study.yaml"))
+    assert relative.train_config == absolute.train_config == str(repo / "configs/tiny/reward_grad.yaml")

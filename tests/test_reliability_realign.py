@@ -147,6 +147,10 @@ CONTROLS = {
     "set_adapters": lambda pipe, w: pipe.set_adapters("default_0", 0.5),
     "delete_adapters": lambda pipe, w: pipe.delete_adapters("default_0"),
     "load_lora_weights": lambda pipe, w: pipe.load_lora_weights(str(w["lora"]), adapter_name="second"),
+    "unet.disable_adapters": lambda pipe, w: pipe.unet.disable_adapters(),
+    "unet.enable_adapters": lambda pipe, w: pipe.unet.enable_adapters(),
+    "unet.set_adapter": lambda pipe, w: pipe.unet.set_adapter("default_0"),
+    "unet.add_adapter": lambda pipe, w: pipe.unet.add_adapter(__import__("peft").LoraConfig(r=1, target_modules=["to_q"])),
 }
 
 
@@ -354,3 +358,17 @@ def test_realign_refuses_a_beta_that_is_not_a_kl_strength(beta):
     pipe.unet.add_adapter(peft.LoraConfig(r=1, target_modules=["to_q"]))
     with pytest.raises(DeradiffError, match="beta must be a positive number"):
         deradiff.realign(pipe, lam=1.0, beta=beta)
+
+
+def test_gradient_checkpointing_reaches_the_real_denoiser(world):
+    import deradiff
+    from deradiff.models.pipelines import load_lora
+
+    pipe = tiny_sd_pipeline()
+    load_lora(pipe, world["lora"])
+    unet = pipe.unet
+    deradiff.realign(pipe, lam=0.5)
+    pipe.unet.enable_gradient_checkpointing()
+    assert unet.is_gradient_checkpointing
+    pipe.unet.disable_gradient_checkpointing()
+    assert not unet.is_gradient_checkpointing

@@ -320,3 +320,45 @@ def test_a_folder_made_only_for_the_lock_is_removed_when_the_run_leaves_it_empty
     with OutputDirLock(tmp_path / "used"):
         (tmp_path / "used" / "result.txt").write_text("done")
     assert (tmp_path / "used" / "result.txt").is_file()
+
+
+class _NotPlainData:
+    """Stands in for whatever a hostile checkpoint would pickle."""
+
+
+def test_a_custom_state_that_is_not_plain_data_is_never_unpickled(finished, tmp_path, capsys):
+    """accelerate loads registered custom states (DDPO's statistics) with weights_only=False."""
+    import shutil
+
+    import torch
+
+    assets, out = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    torch.save({"stats": _NotPlainData()}, copy / "checkpoints" / "step-00000004" / "custom_checkpoint_0.pkl")
+    code, _, err = run_cli(train_args(assets["config"], copy, STEPS, "train.resume_from=latest"), capsys)
+    assert_one_line_error(code, err, "custom_checkpoint_0.pkl holds more than plain data")
+
+
+def test_without_periodic_checkpoints_the_final_one_still_guards_a_resume(tmp_path, capsys):
+    """Was: checkpoint_every=0 wrote no checkpoint, so resume_from=latest silently retrained over the run."""
+    from deradiff import cli
+
+    assets = tiny_assets(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(train_args(assets["config"], out, STEPS, "train.checkpoint_every=0")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
+    code, _, err = run_cli(train_args(assets["config"], out, STEPS, "train.checkpoint_every=0", "train.resume_from=latest",
+                                      "optim.lr=0.02"), capsys)
+    assert_one_line_error(code, err, "optim.lr: 0.01 -> 0.02")
+
+
+def test_a_checkpoint_state_without_a_step_is_damaged(finished, tmp_path, capsys):
+    import shutil
+
+    assets, out = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "checkpoints" / "step-00000004" / "trainer_state.json").write_text("{}")
+    code, _, err = run_cli(train_args(assets["config"], copy, STEPS, "train.resume_from=latest"), capsys)
+    assert_one_line_error(code, err, "is damaged (no integer step)")

@@ -177,4 +177,5 @@ def test_fresh_run_refuses_an_earlier_runs_folder_unless_overwrite(tmp_path):
     assert all(torch.equal(first[k], v) for k, v in _lora(tmp_path).items())  # nothing lost
     trainer, _, micro = _setup(tmp_path, max_steps=2, overwrite=True)
     trainer.run(lambda s: trainer.accumulate(s, micro), {"method": "test"})
-    assert not (tmp_path / "checkpoints").exists()  # the earlier run's checkpoints are gone, not mixed in
+    # the earlier run's checkpoints are gone, not mixed in: only this run's final one remains
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]

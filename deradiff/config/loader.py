@@ -172,7 +172,7 @@ def _resolve_yaml_paths(schema: type, raw: dict[str, Any], folder: Path) -> None
         if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
             _resolve_yaml_paths(hints[f.name], value, folder)
         elif f.metadata.get(YAML_RELATIVE) and _is_relative_path(value):
-            raw[f.name] = str(folder / value)
+            raw[f.name] = os.path.abspath(folder / value)  # absolute: the same file however --config was typed
 
 
 def _is_relative_path(value: Any) -> bool:

@@ -195,6 +195,26 @@ class RealignedDenoiser(ModelMixin):
     def load_lora_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise _refuse_while_realigned("pipe.load_lora_weights()")
 
+    # peft's own switches on the denoiser: off would make both branches the base, silently
+    def disable_adapters(self) -> None:
+        raise _refuse_while_realigned("pipe.unet.disable_adapters()")
+
+    def enable_adapters(self) -> None:
+        raise _refuse_while_realigned("pipe.unet.enable_adapters()")
+
+    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise _refuse_while_realigned("pipe.unet.set_adapter()")
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise _refuse_while_realigned("pipe.unet.add_adapter()")
+
+    # ModelMixin defines these for itself; they belong to the real denoiser
+    def enable_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
+        self.model.enable_gradient_checkpointing(*args, **kwargs)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.model.disable_gradient_checkpointing()
+
     # --- lambda and step counting ----------------------------------------------------------------------
     @property
     def lam(self) -> LambdaSpec:

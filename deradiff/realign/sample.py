@@ -298,4 +298,4 @@ def _write_manifest(out: Path, rows: list[dict[str, Any]], config: RealignConfig
                "lora_metadata": metadata, "images": rows}
     write_text_atomic(out / "manifest.json", json.dumps(summary, indent=2))
     with atomic_path(out / "config.yaml") as tmp:
-        save_config(config, tmp)
+        save_config(dataclasses.replace(config, overwrite=False), tmp)  # rerunning it never replaces

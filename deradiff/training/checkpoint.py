@@ -104,10 +104,19 @@ def check_resume(output_dir: str | os.PathLike, train: Any, config: dict[str, An
     return (None, problem) if problem else (path, None)
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, checked for the fields resume reads."""
+    state = read_json(path / STATE_NAME, "checkpoint state")
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and not isinstance(state["step"], bool)):
+        raise DeradiffError(f"checkpoint state '{path / STATE_NAME}' is damaged (no integer step); resume from an "
+                            "earlier checkpoint, or train.overwrite=true")
+    return state
+
+
 def resume_problem(path: Path, max_steps: int, settings: dict[str, Any], inputs: dict[str, str]) -> str | None:
     """Why continuing checkpoint `path` would not be the training `settings` and `inputs` describe (None when
     it would). Inputs catch what a config cannot: a data file replaced under the same path."""
-    state = read_json(path / STATE_NAME, "checkpoint state")
+    state = read_state(path)
     if state["step"] > max_steps:
         return f"checkpoint '{path}' is at step {state['step']}, past train.max_steps={max_steps}"
     if "settings" not in state:  # written before deradiff recorded settings: nothing to compare
@@ -161,7 +170,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
 
     _refuse_pickled_weights(path)
-    state = read_json(path / STATE_NAME, "checkpoint state")
+    state = read_state(path)
     _check_rng_state(accelerator, path, state.get("world_size"))
     try:
         accelerator.load_state(str(path))
@@ -210,13 +219,23 @@ def check_fresh_start(output_dir: str | os.PathLike, overwrite: bool, remove: bo
 
 
 def _refuse_pickled_weights(path: Path) -> None:
-    """Checkpoints written here hold model.safetensors; a pickled pytorch_model*.bin can run code when loaded."""
+    """Checkpoints written here hold model.safetensors; a pickled pytorch_model*.bin can run code when loaded.
+    accelerate loads registered custom states (DDPO's reward statistics) with weights_only=False, so each must
+    first load with weights_only=True (plain tensors, numbers and containers) or the checkpoint is refused."""
+    from accelerate.utils import load
+
     pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
     if pickled:
         raise DeradiffError(
             f"checkpoint '{path}' holds pickled model weights ({', '.join(pickled)}); deradiff resumes only from "
             "safetensors weights (model.safetensors) because pickles can run code when loaded"
         )
+    for custom in sorted(path.glob("custom_checkpoint_*.pkl")):
+        try:
+            load(custom, map_location="cpu")
+        except Exception:  # noqa: BLE001 - anything but plain data is refused
+            raise DeradiffError(f"checkpoint '{path}': {custom.name} holds more than plain data (or is damaged); "
+                                "deradiff does not unpickle it") from None
 
 
 def _prune(output_dir: str | os.PathLike, keep: int) -> None:

@@ -6,6 +6,7 @@ created with O_EXCL (atomic); a lock whose pid is dead on this host is stale and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -78,7 +79,8 @@ class OutputDirLock:
             self.held = False
             folder = self.path.parent
             if self.created and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+                with contextlib.suppress(OSError):  # another run may have just taken it: never mask the real error
+                    folder.rmdir()
 
     def __enter__(self) -> "OutputDirLock":
         self.acquire()

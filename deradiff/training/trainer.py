@@ -265,8 +265,7 @@ class Trainer:
                     self._write_history()  # first: a checkpoint never lacks the curves up to its step
                     self.checkpoint(step + 1, metadata)
         elapsed = time.perf_counter() - t0
-        if cfg.checkpoint_every:
-            self.checkpoint(cfg.max_steps, metadata)
+        self.checkpoint(cfg.max_steps, metadata)  # always: a later resume checks its settings against this one
         lora_dir = self.save_final(metadata)
         self._write_history()
         return self._summarize(start, elapsed, last, lora_dir)
@@ -294,6 +293,7 @@ class Trainer:
     def _start_fresh(self) -> None:
         """Clear an earlier run in output_dir (`check_resume` allowed it), its W&B runs retired."""
         main = self.accelerator.is_main_process
+        self.accelerator.wait_for_everyone()  # every rank has read the old checkpoints before they go
         check_fresh_start(self.output_dir, True, remove=main)
         if main:
             retire_runs(self.output_dir)

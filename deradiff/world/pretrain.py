@@ -7,6 +7,7 @@ jointly on cached latents, which is what keeps the full run within a few CPU min
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -206,7 +207,7 @@ def _train_into(cfg: PretrainConfig, out: Path) -> dict:
         summary["quality"] = _closing_quality(out, cfg.quality_images)
     summary["total_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_config(cfg, out / "pretrain_config.yaml")
+    save_config(dataclasses.replace(cfg, overwrite=False), out / "pretrain_config.yaml")  # rerunning it never replaces
     return summary
 
 
