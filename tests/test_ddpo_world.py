@@ -20,6 +20,7 @@ from deradiff.training.ddpo import run_ddpo
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.tracking import RecordingTracker
 
+pytestmark = pytest.mark.slow  # ~45 s on 2 cores (two trainings): CI runs it with the slow tests
 SMALL_BETA, LARGE_BETA = 0.001, 0.02
 STEPS = 4  # DDIM steps, both in training and in the measurement
 
