@@ -163,3 +163,22 @@ def folder_digest(folder: str | os.PathLike) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16] if root.is_dir() else ""
+
+
+def check_results_absent(folder: str | os.PathLike, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse, unless `overwrite`, a folder already holding any of the files or folders a stage writes: a
+    finished result is never replaced without being asked."""
+    found = [Path(folder) / name for name in names if (Path(folder) / name).exists() or (Path(folder) / name).is_symlink()]
+    if found and not overwrite:
+        more = f" (and {', '.join(p.name for p in found[1:])})" if len(found) > 1 else ""
+        raise DeradiffError(f"output_dir '{folder}' holds an earlier run's results ('{found[0]}'{more} already exists); "
+                            "pass overwrite=true to replace them, or pick another output_dir")
+
+
+def read_text_file(path: str | os.PathLike, key: str, expected: str) -> str:
+    """A user's text file (BOM tolerated); one that is not UTF-8 is an error naming `key` and the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DeradiffError(f"{key} '{path}' is not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
+                            f"expected {expected}") from None

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from deradiff.cli.common import add_config_arguments, config_from_args
 from deradiff.config import option
-from deradiff.errors import DeradiffError
 from deradiff.training.dpo import PrefsSection  # light module: dataclasses only at import
 from deradiff.training.lock import OutputDirLock
 
@@ -41,24 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _prefs(args: argparse.Namespace) -> int:
     from deradiff.data.prefs import generate_preferences
-    from deradiff.fileio import check_output_dir, remove_outputs
+    from deradiff.fileio import check_output_dir, check_results_absent, remove_outputs
     from deradiff.training.dpo import resolve_base_model
 
     cfg = config_from_args(PrefsConfig, args)
     # Every refusal comes before the model loads: sampling the pairs takes minutes.
     out = check_output_dir(cfg.output_dir)
     output = out / PREFS_FILE
-    _check_results_absent(output, cfg.overwrite)
+    check_results_absent(out, (PREFS_FILE,), cfg.overwrite)
     base = resolve_base_model(cfg.base_model)
     with OutputDirLock(out):
-        _check_results_absent(output, cfg.overwrite)  # again: another run may have finished into it meanwhile
+        check_results_absent(out, (PREFS_FILE,), cfg.overwrite)  # again: another run may have finished into it meanwhile
         remove_outputs(out, (PREFS_FILE,))  # an overwrite never leaves the old pairs to pass for the new run's
         result = generate_preferences(base, str(output), cfg.generate)
     print(json.dumps(result, indent=2))
     return 0
 
-
-def _check_results_absent(output: Path, overwrite: bool) -> None:
-    """Finished pairs are never replaced unless the user asked for it."""
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise DeradiffError(f"'{output}' already exists; pass overwrite=true to replace it, or pick another output_dir")

@@ -14,7 +14,7 @@ import torch
 
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
-from deradiff.fileio import atomic_path, check_output_dir, remove_outputs
+from deradiff.fileio import atomic_path, check_output_dir, check_results_absent, remove_outputs
 from deradiff.eval import report, validation
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
@@ -46,12 +46,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def check_results_absent(out: Path, overwrite: bool) -> None:
-    """Refuse to replace finished results unless asked: an eval can take hours on real models."""
-    if (out / RESULTS).exists() and not overwrite:
-        raise DeradiffError(f"'{out}' already holds eval results ({RESULTS}); pass overwrite=true or pick another output_dir")
 
 
 def eval_prompts(cfg: EvalConfig) -> list[str]:
@@ -107,13 +101,13 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
     """run_eval while holding the output folder's lock (main process)."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    check_results_absent(out, cfg.overwrite)
+    check_results_absent(out, (RESULTS,), cfg.overwrite)  # an eval can take hours on real models
     prompts, device = eval_prompts(cfg), resolve_device(cfg.device)
-    anchor, variants = plan(cfg)
+    anchor, retrained, variants = plan(cfg)
     base_model = cfg.base_model or anchor.base_model
     if not base_model:
         raise DeradiffError("no base model: set base_model, or train the anchor with deradiff (metadata base_model)")
-    oracle = validation.oracle_plan(cfg, anchor)
+    oracle = validation.oracle_plan(cfg, anchor, retrained)
     # Rewards and features are built before sampling so missing weights fail in seconds, not after it.
     rewards = reward_fns(scored_rewards(cfg, oracle), cfg.reward_options) if rewards is None else rewards
     if oracle.reward is not None and oracle.reward not in rewards:

@@ -76,13 +76,14 @@ def target_of(variant: Variant, variants: Sequence[Variant]) -> Variant | None:
     return None
 
 
-def plan(cfg: EvalConfig) -> tuple[LoraInfo, list[Variant]]:
-    """The anchor and the full list of variants for a config."""
+def plan(cfg: EvalConfig) -> tuple[LoraInfo, list[LoraInfo], list[Variant]]:
+    """The anchor, the retrained LoRAs and the full list of variants for a config (each LoRA read and checked
+    once here: the check scans every weight)."""
     anchor = read_lora(cfg.anchor_lora, "anchor_lora")
     retrained = [read_lora(p, f"retrained_loras[{i}]") for i, p in enumerate(cfg.retrained_loras)]
     check_same_scale(anchor, retrained)
     lambdas = cfg.lambdas if cfg.lambdas is not None else default_lambdas(anchor.beta, [r.beta for r in retrained], cfg.extra_lambdas)
-    return anchor, plan_variants(anchor, retrained, lambdas, cfg.weight_scaled)
+    return anchor, retrained, plan_variants(anchor, retrained, lambdas, cfg.weight_scaled)
 
 
 def check_same_scale(anchor: LoraInfo, retrained: Sequence[LoraInfo]) -> None:

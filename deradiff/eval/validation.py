@@ -19,7 +19,7 @@ from deradiff.eval.config import EvalConfig, OracleSection
 from deradiff.eval.generate import Job, Loader, VariantSamples, make_jobs, sample_distributed
 from deradiff.eval.metrics import pairwise_distances
 from deradiff.eval.oracle import applicability, oracle_name, tilt
-from deradiff.eval.plan import LoraInfo, read_lora, target_of
+from deradiff.eval.plan import LoraInfo, target_of
 from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.scoring import RewardFn, reward_key, score_rewards
 from deradiff.eval.uncertainty import (Comparison, Evidence, Interval, ModelEvidence, OracleEvidence, bootstrap, count_shapes,
@@ -38,13 +38,12 @@ class OraclePlan:
     reward: str | None
 
 
-def oracle_plan(cfg: EvalConfig, anchor: LoraInfo) -> OraclePlan:
+def oracle_plan(cfg: EvalConfig, anchor: LoraInfo, retrained: Sequence[LoraInfo]) -> OraclePlan:
     """Decide before any sampling; oracle.enabled=on turns 'does not apply' into an error."""
     if cfg.oracle.enabled == "off":
         return OraclePlan("no oracle: oracle.enabled is off", None)
     s = cfg.sampling
-    reason = applicability(anchor, [read_lora(p, f"retrained_loras[{i}]") for i, p in enumerate(cfg.retrained_loras)],
-                           {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
+    reason = applicability(anchor, retrained, {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
     if reason is None and (s.height or s.width):
         reason = "no oracle: sampling.height/width differ from the training resolution"
     if reason is not None and cfg.oracle.enabled == "on":

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from deradiff.config import check_device, check_file, check_seeds, option, save_config
 from deradiff.errors import ConfigError, DeradiffError
-from deradiff.fileio import atomic_path, check_output_dir, remove_outputs, write_error, write_text_atomic
+from deradiff.fileio import atomic_path, check_output_dir, read_text_file, remove_outputs, write_error, write_text_atomic
 from deradiff.training.lock import LOCK_NAME, OutputDirLock
 
 # What a run writes into output_dir, in the order overwrite removes it: manifests first, so an interrupted
@@ -232,11 +232,7 @@ def _prompts(config: RealignConfig) -> list[str]:
     path = Path(config.prompts_file) if config.prompts_file else _tiny_eval_prompts_file()
     if not path.is_file():
         raise DeradiffError(f"prompts_file '{path}' does not exist (expected a text file, one prompt a line)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:  # a binary file is the user's error, not a crash
-        raise DeradiffError(f"prompts_file '{path}' is not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
-                            "expected one prompt a line") from None
+    text = read_text_file(path, "prompts_file", "one prompt a line")
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise DeradiffError(f"prompts_file '{path}' has no prompts")

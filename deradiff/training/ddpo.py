@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
+from deradiff.fileio import read_text_file
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
 
@@ -115,19 +116,10 @@ def load_prompt_source(source: str | list[str], key: str = "ddpo.prompts") -> li
         path = Path(source)
         if not path.is_file():
             raise DeradiffError(f"{key} '{source}' is neither 'world:train'/'world:eval' nor an existing text file")
-        prompts = [line.strip() for line in _read_utf8(path, key).splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text_file(path, key, "one prompt a line").splitlines() if line.strip()]
     if not prompts:
         raise DeradiffError(f"{key} '{source}' holds no prompts")
     return prompts
-
-
-def _read_utf8(path: Path, key: str) -> str:
-    """The file's text; a binary or otherwise non-UTF-8 file is the user's error, not a crash."""
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DeradiffError(f"{key} '{path}' is not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
-                            "expected one prompt a line") from None
 
 
 register_trainer(TrainerSpec("ddpo", DDPOConfig, run_ddpo, "configs/tiny/ddpo.yaml", "KL-regularized DDPO (reward + beta)"))

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deradiff.config import save_config
-from deradiff.errors import DeradiffError
-from deradiff.fileio import check_output_dir, remove_outputs
+from deradiff.fileio import check_output_dir, check_results_absent, remove_outputs
 from deradiff.training.lock import OutputDirLock
 from deradiff.world.classifier import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, save_classifier, train_classifier
 from deradiff.world.model import (assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae,
@@ -144,9 +143,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     before any training. Files are written into a hidden staging folder and moved in only once all are done,
     so a failed or killed run never leaves a half-built world, nor destroys the one it was to replace."""
     out = check_output_dir(cfg.output_dir)
-    _check_results_absent(out, cfg.overwrite)
+    check_results_absent(out, OUTPUTS, cfg.overwrite)
     with OutputDirLock(out):
-        _check_results_absent(out, cfg.overwrite)  # again: another run may have finished into it meanwhile
+        check_results_absent(out, OUTPUTS, cfg.overwrite)  # again: another run may have finished into it meanwhile
         _remove_stale_staging(out)
         stage = out / f"{STAGING_PREFIX}{os.getpid()}"
         try:
@@ -155,14 +154,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return summary
-
-
-def _check_results_absent(out: Path, overwrite: bool) -> None:
-    """An earlier pretrain's files are never replaced unless `overwrite=true`."""
-    found = [name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
-    if found and not overwrite:
-        raise DeradiffError(f"output_dir '{out}' already holds a pretrained world ({', '.join(found)}); "
-                            "pass overwrite=true to replace it, or pick another output_dir")
 
 
 def _remove_stale_staging(out: Path) -> None:
