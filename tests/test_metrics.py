@@ -69,3 +69,18 @@ def test_paired_kid_is_zero_on_identical_sets_and_skips_same_seed_pairs():
     assert metrics.kid(x, x, paired=True) == pytest.approx(0.0, abs=1e-9)
     assert metrics.kid(x, x) < 0  # the unpaired estimate counts each row against itself
     assert metrics.kid(x, x + 3.0, paired=True) > 1.0
+
+
+def test_kid_stays_finite_when_the_base_never_uses_a_feature_dimension():
+    """A ReLU feature that is 0 on every base image but active on an aligned model's: scaled by a tenth of a
+    typical dimension's spread, not by its own ~0 std (which gave KIDs of 1e22 in a tiny-world tune)."""
+    from deradiff.eval.scoring import standardized
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 8, generator=gen).abs()
+    base[:, 0] = 0.0  # never active on the base
+    aligned = torch.randn(16, 8, generator=gen).abs() + 0.5
+    scaled = standardized({"base": base, "aligned": aligned})
+    assert scaled["aligned"][:, 0].abs().max() < 100  # was ~1e6 (divided by the 1e-6 floor)
+    value = metrics.kid(scaled["aligned"], scaled["base"], paired=True)
+    assert math.isfinite(value) and 0 < value < 1e6  # the old 1e-6 floor gave 6e33 here

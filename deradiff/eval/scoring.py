@@ -56,9 +56,16 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 def standardized(features: dict[str, torch.Tensor], reference: str = "base") -> dict[str, torch.Tensor]:
     """Every set scaled by the base model's per-dimension mean/std: KID's cubic kernel assumes O(1) features
-    (raw classifier activations gave KIDs of -1e6), and one shared scale keeps all KIDs of a run comparable."""
+    (raw classifier activations gave KIDs of -1e6), and one shared scale keeps all KIDs of a run comparable.
+
+    A dimension the base barely uses (a ReLU feature that is ~0 on every base image) gets a tenth of a typical
+    dimension's scale instead of its own: dividing by its ~0 std blew a strongly aligned model's KID up to 1e22."""
     ref = features[reference].double()
-    mean, std = ref.mean(0), ref.std(0).clamp_min(1e-6) if len(ref) > 1 else torch.ones(ref.shape[1], dtype=torch.float64)
+    if len(ref) > 1:
+        spread = ref.std(0)
+        mean, std = ref.mean(0), spread.clamp_min(max(0.1 * float(spread.mean()), 1e-6))
+    else:
+        mean, std = ref.mean(0), torch.ones(ref.shape[1], dtype=torch.float64)
     return {k: ((v.double() - mean) / std).float() for k, v in features.items()}
 
 
