@@ -61,6 +61,9 @@ def test_short_run_is_deterministic_and_writes_reward_unit_metadata(tiny_base, t
     meta = read_lora_metadata(tmp_path / "a" / "lora")
     assert (meta["method"], meta["beta"], meta["beta_units"], meta["reward"]) == ("reward_grad", 0.5, "reward", "vividness")
     assert meta["sampler"] == {"num_steps": 3, "eta": 1.0, "guidance_scale": 2.0}
+    assert meta["wandb_group"] == "train-a"  # later stages on this LoRA (tune) log beside its training
+    # the run's config beside its LoRA loads back to the same config (tune's verify retrains from it)
+    assert load_config(RewardGradConfig, tmp_path / "a" / "train_config.yaml") == _cfg(tiny_base, tmp_path / "a")
     history = read_history(tmp_path / "a", 3)
     assert [h["step"] for h in history] == [1, 2, 3] and history[0]["kl"] == 0.0 and history[-1]["kl"] > 0
     assert all(h["objective"] == pytest.approx(h["reward_mean"] - 0.5 * h["kl"], rel=1e-5, abs=1e-7) for h in history)

@@ -22,6 +22,7 @@ from deradiff.fileio import read_json, remove_dir, replace_dir
 
 CHECKPOINTS = "checkpoints"
 FINAL_LORA = "lora"  # the trained adapter, output_dir/lora
+TRAIN_CONFIG = "train_config.yaml"  # the run's resolved config, beside the adapter (tune's verify retrains with it)
 STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -18,7 +18,6 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.fileio import read_text_file
 from deradiff.training.ddpo_config import DDPOConfig
@@ -42,7 +41,7 @@ def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None) -> dict[str, Any]:
     # The accelerator accumulates micro-batches x trained DDIM steps per optimizer step.
     accum = cfg.train.gradient_accumulation_steps * cfg.train_timesteps
     loop_cfg = dataclasses.replace(cfg.train, gradient_accumulation_steps=accum)
-    trainer = Trainer(loop_cfg, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg),
+    trainer = Trainer(loop_cfg, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,
                       tracker_override=tracker, sample_unit="sample_steps")
     set_seed(cfg.train.seed)
     reward_fn = get_reward(cfg.ddpo.reward, **cfg.ddpo.reward_options)  # fails fast (unknown name, missing weights) before any loading

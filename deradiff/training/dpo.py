@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deradiff.config import check_min, check_positive, check_seed, config_to_dict, option
+from deradiff.config import check_min, check_positive, check_seed, option
 from deradiff.errors import ConfigError, DeradiffError
 from deradiff.training.config import TrainerConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
@@ -98,7 +98,7 @@ def run_dpo(cfg: DPOConfig, tracker: Any = None) -> dict[str, Any]:
     from deradiff.training.dpo_step import DPOStep, load_models, prepare_pairs
     from deradiff.training.trainer import Trainer
 
-    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg),
+    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,
                       tracker_override=tracker, sample_unit="pairs")
     set_seed(cfg.train.seed)
     base = resolve_base_model(cfg.model.pretrained)

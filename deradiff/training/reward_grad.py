@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from deradiff.config import check_prompt_source, config_to_dict, option
+from deradiff.config import check_prompt_source, option
 from deradiff.errors import ConfigError
 from deradiff.training.config import TrainerConfig
 from deradiff.training.ddpo_config import BETA_HELP, ChainSection
@@ -124,7 +124,7 @@ def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None) -> 
     from deradiff.training.dpo_step import load_models
     from deradiff.training.trainer import Trainer
 
-    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg),
+    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,
                       tracker_override=tracker, sample_unit="chains")
     set_seed(cfg.train.seed)
     reward_fn = get_reward(cfg.reward_grad.reward, **cfg.reward_grad.reward_options)

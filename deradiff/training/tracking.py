@@ -79,11 +79,12 @@ class RecordingTracker:
 class WandbTracker:
     """Weights & Biases; `online` falls back to `offline` (with a warning) when W&B cannot start."""
 
-    def __init__(self, section: TrackerSection, run_dir: str, default_name: str) -> None:
+    def __init__(self, section: TrackerSection, run_dir: str, default_name: str, group: str | None = None) -> None:
         import wandb
 
         self._wandb = wandb
         kwargs = dict(
+            group=group,  # None: W&B's own default (WANDB_RUN_GROUP when set)
             project=section.project,
             entity=section.entity,
             name=section.run_name or default_name,
@@ -116,11 +117,11 @@ class WandbTracker:
         self.run.finish()
 
 
-def make_tracker(section: TrackerSection, output_dir: str, is_main_process: bool) -> Tracker:
+def make_tracker(section: TrackerSection, output_dir: str, is_main_process: bool, group: str | None = None) -> Tracker:
     """The tracker for this process: only the main process logs anything."""
     if not is_main_process or section.backend == "none" or section.mode == "disabled":
         return NullTracker()
-    return WandbTracker(section, run_dir=output_dir, default_name=os.path.basename(os.path.abspath(output_dir)))
+    return WandbTracker(section, run_dir=output_dir, default_name=os.path.basename(os.path.abspath(output_dir)), group=group)
 
 
 RETIRED = "replaced"  # output_dir/wandb/replaced/: runs of results that were replaced, out of `wandb sync`'s globs

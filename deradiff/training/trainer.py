@@ -4,7 +4,7 @@ A method (DPO, DDPO) supplies only what differs: its model setup and a `step_fn(
 performs ONE optimizer step, usually by calling `trainer.accumulate(step, micro_loss_fn)`. Everything
 else lives here once::
 
-    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config_dict=config_to_dict(cfg))
+    trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg)
     params = attach_lora(unet, ...)
     unet = trainer.prepare(unet, params)          # optimizer + lr schedule + accelerate/DeepSpeed wrap
     summary = trainer.run(lambda step: trainer.accumulate(step, micro_loss), metadata={"method": "dpo", ...})
@@ -30,10 +30,11 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from deradiff.errors import DeradiffError
-from deradiff.fileio import check_output_dir, write_text_atomic
+from deradiff.config import config_to_dict, save_config
+from deradiff.fileio import atomic_path, check_output_dir, write_text_atomic
 from deradiff.models.lora import save_lora
 from deradiff.training.checkpoint import (
-    FINAL_LORA, check_fresh_start, check_resume, load_checkpoint, save_checkpoint, weight_settings,
+    FINAL_LORA, TRAIN_CONFIG, check_fresh_start, check_resume, load_checkpoint, save_checkpoint, weight_settings,
 )
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
 from deradiff.training.lock import OutputDirLock
@@ -128,10 +129,12 @@ class Trainer:
         config_dict: dict[str, Any] | None = None,
         tracker_override: Tracker | None = None,
         sample_unit: str = "samples",
+        config: Any = None,
     ) -> None:
         self.train_cfg, self.optim_cfg, self.tracker_cfg = train, optim, tracker
         self.output_dir = Path(output_dir)
-        self.config_dict = config_dict or {}
+        self.config = config  # the whole run config (a dataclass): saved as train_config.yaml beside the LoRA
+        self.config_dict = config_to_dict(config) if config is not None else (config_dict or {})
         self.sample_unit = sample_unit
         check_output_dir(output_dir, "output_dir")
         self.accelerator = build_accelerator(train, output_dir)
@@ -246,7 +249,11 @@ class Trainer:
         acc, cfg = self.accelerator, self.train_cfg
         self.inputs = {k: str(metadata[k]) for k in INPUT_FINGERPRINTS if k in metadata}
         start = self._resume()  # first: a refused run logs nothing
-        self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process)
+        if acc.is_main_process and self.config is not None:
+            with atomic_path(self.output_dir / TRAIN_CONFIG) as tmp:
+                save_config(self.config, tmp)
+        self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process,
+                                                              group=self.wandb_group)
         self._announce(start)
         self.history = read_history(self.output_dir, start)
         # a resume with no step left keeps the metrics of the step that finished the run
@@ -325,7 +332,13 @@ class Trainer:
             "seed": self.train_cfg.seed,
             "effective_batch_size": self.effective_batch_size,
             "world_size": self.world_size,
+            "wandb_group": self.wandb_group,  # later stages on this LoRA (tune) log beside its training
         }
+
+    @property
+    def wandb_group(self) -> str:
+        """The W&B group of this run: the caller's (a study sets WANDB_RUN_GROUP), else train-<output folder>."""
+        return os.environ.get("WANDB_RUN_GROUP") or f"train-{self.output_dir.resolve().name}"
 
     def train_seconds(self) -> float:
         """Loop wall time of the whole training so far, the runs it resumed included."""
