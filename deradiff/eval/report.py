@@ -6,7 +6,6 @@ shows exactly the numbers of this run.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -22,26 +21,27 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from deradiff.eval.generate import Job, VariantSamples  # noqa: E402
+from deradiff.eval.figures import embed_png, finish_plot, fmt  # noqa: E402
 from deradiff.fileio import atomic_path, write_text_atomic  # noqa: E402
 
 CURVES = (("retrained", "o-", "retrained"), ("realigned", "s--", "DeRaDiff realigned"), ("weight_scaled", "^:", "weight-scaled LoRA"),
           ("oracle", "k*-", "exact optimum (oracle)"))
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """inf/nan are not JSON: write them as null (the CSV keeps inf/nan)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     """results.json (everything) plus results.csv (models), approximation.csv and samples.csv."""
-    write_text_atomic(out / "results.json", json.dumps(_json_safe(results), indent=2))
+    write_text_atomic(out / "results.json", json.dumps(json_safe(results), indent=2))
     for name, key in (("results.csv", "models"), ("approximation.csv", "approximation"), ("samples.csv", "samples")):
         with atomic_path(out / name) as tmp:
             pd.DataFrame(results[key]).to_csv(tmp, index=False)
@@ -81,7 +81,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], key: str, path: Path) -> None:
     base = next(r[key] for r in rows if r["kind"] == "base")
     ax.axhline(base, color="gray", lw=1, label="base (beta = inf)")
     ax.set_xscale("log")
-    _finish_plot(fig, ax, "effective beta (beta0 / lambda for realigned)", key, path)
+    finish_plot(fig, ax, "effective beta (beta0 / lambda for realigned)", key, path)
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None:
@@ -94,18 +94,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], reward: str, path: Path) -> None
             continue
         pts = [(base["path_kl"], base[reward])] + pts
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-    _finish_plot(fig, ax, "path KL to base (nats / image)", reward, path)
-
-
-def _finish_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
-    """Axis labels and legend, then write the PNG atomically and free the figure."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, "path KL to base (nats / image)", reward, path)
 
 
 def to_pil(image: torch.Tensor, scale: int) -> Image.Image:
@@ -172,10 +161,6 @@ def plottable(rows: Sequence[dict[str, Any]], key: str) -> bool:
     return math.isfinite(base) and any(len(c) >= 2 for c in curves)
 
 
-def _embed(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], estimated: Sequence[str] = ()) -> str:
     """A table of `keys`; a value with `<key>_lo/_hi` shows its interval. In rows marked reliable = false
     (oracle rows with too few effective samples) the `estimated` keys read "unreliable (ESS k)" instead."""
@@ -187,19 +172,11 @@ def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], estimated: S
 def _cell(row: dict[str, Any], key: str, estimated: bool) -> str:
     if estimated and row.get("reliable") is False:
         return f"unreliable (ESS {row['ess']:.0f})"
-    text = _fmt(row.get(key))
+    text = fmt(row.get(key))
     lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
     if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
         text += f" [{lo:.4g}, {hi:.4g}]"
     return text
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else ("nan" if math.isnan(value) else f"{value:.4g}")
-    return html.escape(str(value))
 
 
 def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: Path | None = None) -> Path:
@@ -229,10 +206,10 @@ def write_html(out: Path, results: dict[str, Any], extra_html: str = "", dest: P
         html_table(results.get("oracle_gaps", []), ["name", "kind", "oracle", "metric", "gap", "normalized_error", "consistent_with_oracle"]),
         extra_html,
         "<h2>Models (bracketed: bootstrap interval)</h2>", html_table(results["models"], model_keys, estimated),
-        "<h2>Plots</h2>", "".join(f"<img src='{_embed(out / f)}' alt='{html.escape(f)}'>" for f in results["plots"]),
+        "<h2>Plots</h2>", "".join(f"<img src='{embed_png(out / f)}' alt='{html.escape(f)}'>" for f in results["plots"]),
         "".join(f"<p>{html.escape(note)}</p>" for note in results.get("skipped_plots", [])),
         "<h2>Image grids (rows: models; columns: seeds)</h2>",
-        "".join(f"<h3>{html.escape(g['prompt'])}</h3><img src='{_embed(out / g['file'])}' alt='{html.escape(g['file'])}'>" for g in results["grids"]),
+        "".join(f"<h3>{html.escape(g['prompt'])}</h3><img src='{embed_png(out / g['file'])}' alt='{html.escape(g['file'])}'>" for g in results["grids"]),
         "<h2>Per-lambda approximation errors</h2>",
         html_table(results["approximation"], ["name", "kind", "lambda", "target", "metric", "value", "target_value", "base_value", "normalized_error"]),
         "</body></html>",
