@@ -177,3 +177,14 @@ def test_malformed_tables_are_caller_errors(rows, error, message):
 def test_a_constrained_metric_without_its_interval_is_a_caller_error():
     with pytest.raises(ValueError, match=r"lacks \['fidelity_lo', 'fidelity_hi'\]"):
         choose([row(1.0, (0.5, 0.4, 0.6))], crit("vividness", "fidelity >= 0.8"), beta0=1.0)
+
+
+def test_paired_gaps_decide_ties_when_the_table_has_them():
+    """Marginal intervals all overlap (prompt spread shared by every lambda), but the paired gap to the best
+    excludes 0 for 0.5: only 0.75 is tied; without gaps, all three would be."""
+    rows = [row(0.5, (0.60, 0.30, 0.90)), row(0.75, (0.68, 0.38, 0.98)), row(1.0, (0.70, 0.40, 1.00))]
+    assert choose(rows, crit(), beta0=1.0).tied == [0.5, 0.75, 1.0]
+    for r, gap in zip(rows, [(-0.10, -0.14, -0.06), (-0.02, -0.05, 0.01), (0.0, 0.0, 0.0)]):
+        r.update({"objective_gap": gap[0], "objective_gap_lo": gap[1], "objective_gap_hi": gap[2]})
+    choice = choose(rows, crit(), beta0=1.0)
+    assert (choice.lam, choice.best, choice.tied) == (0.75, 1.0, [0.75, 1.0])

@@ -12,8 +12,11 @@ The rule:
 1. feasible: every constrained metric's WHOLE interval satisfies its constraint (>=: lo >= bound; <=: hi <= bound),
    so a lambda whose point estimate passes but whose interval straddles the bound is not trusted;
 2. best: the feasible lambda with the highest objective point estimate;
-3. tied: every feasible lambda whose objective interval reaches the best's (its hi >= best's lo): the data
-   cannot tell them apart from the best;
+3. tied: every feasible lambda the data cannot tell apart from the best. With 'objective_gap_lo/_hi' in the
+   rows (the interval of objective(lambda) - objective(best) from the same bootstrap draws, as the tune
+   measures it: every lambda saw the same prompts, seeds and noise), tied means the gap's interval reaches 0
+   (gap_hi >= 0). Without them, the marginal intervals overlap (hi >= best's lo): a far weaker test, since
+   the prompt-to-prompt spread every lambda shares widens each marginal interval but cancels in the gap;
 4. chosen: the smallest tied lambda, i.e. the strongest regularization (beta0 / lambda is largest), because
    less reward-pushing at equal measured benefit is the safer side of reward hacking.
 `choose` applies it; no feasible lambda raises InfeasibleError naming the least-violating lambda (`least_violating`).
@@ -88,13 +91,25 @@ def choose(rows: Sequence[Row], criterion: Criterion, beta0: float | None) -> Ch
     ok = feasible(rows, criterion)
     if not ok:
         raise _infeasible(rows, criterion, beta0)
-    best = max(ok, key=lambda r: r["objective"])  # ok is sorted by lambda: equal points keep the smaller one
-    tied = [r for r in ok if r["objective_hi"] >= best["objective_lo"] or r is best]
+    best = best_feasible(ok)
+    tied = [r for r in ok if r is best or _tied(r, best)]
     lam, best_lam, tied_lams = float(tied[0]["lambda"]), float(best["lambda"]), [float(r["lambda"]) for r in tied]
     beta = effective_beta(beta0, lam)
     reason = _reason(lam, beta, best_lam, tied_lams, len(ok), len(rows), criterion)
     return Choice(lam=lam, beta=beta, best=best_lam, feasible=[float(r["lambda"]) for r in ok], tied=tied_lams,
                   reason=reason)
+
+
+def best_feasible(ok: Sequence[Row]) -> Row:
+    """The row with the highest objective point estimate among feasible rows sorted by lambda (equal points:
+    the smaller lambda)."""
+    return max(ok, key=lambda r: r["objective"])
+
+
+def _tied(row: Row, best: Row) -> bool:
+    if "objective_gap_hi" in row:
+        return float(row["objective_gap_hi"]) >= 0.0
+    return row["objective_hi"] >= best["objective_lo"]
 
 
 def feasible(rows: Sequence[Row], criterion: Criterion) -> list[Row]:
