@@ -8,7 +8,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["realign", "unrealign", "__version__"]
+__all__ = ["realign", "tune", "unrealign", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +17,10 @@ def __getattr__(name: str) -> Any:
         from deradiff.realign import api
 
         return getattr(api, name)
+    if name == "tune":
+        from deradiff.tuning.api import tune
+
+        return tune
     if name in ("world", "rewards", "config"):
         import importlib
 

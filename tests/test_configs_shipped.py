@@ -19,6 +19,8 @@ SCHEMAS = {
     "dpo": "deradiff.training.dpo:DPOConfig",
     "ddpo": "deradiff.training.ddpo_config:DDPOConfig",
     "reward_grad": "deradiff.training.reward_grad:RewardGradConfig",
+    "reward_grad_weak": "deradiff.training.reward_grad:RewardGradConfig",
+    "tune": "deradiff.tuning.config:TuneConfig",
     "realign": "deradiff.realign.sample:RealignConfig",
     "eval": "deradiff.eval.config:EvalConfig",
     "study": "deradiff.study:StudyConfig",

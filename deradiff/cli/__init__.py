@@ -11,7 +11,7 @@ from typing import Sequence
 from deradiff.errors import DeradiffError
 
 # Each module exposes `register(subparsers)`; a missing module (stage not built yet) is simply absent.
-COMMAND_MODULES = ("tiny", "data", "train", "realign", "eval", "study")
+COMMAND_MODULES = ("tiny", "data", "train", "realign", "eval", "tune", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

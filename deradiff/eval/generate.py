@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from deradiff.eval.sampler import SampleSettings, sample
+from deradiff.eval.sampler import SampleSettings, UnetCall, sample
 from deradiff.eval.variants import TimedCall, Variant, base_call, model_call
 
 Job = tuple[str, int]  # (prompt, seed)
@@ -60,11 +60,12 @@ def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: S
     return VariantSamples(torch.cat(images), torch.cat(kls), seconds)
 
 
-def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings) -> None:
+def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings, call: UnetCall | None = None) -> None:
     """One untimed 1-step sample: a fresh pipeline's first UNet calls are slow (lazy init), which would
-    otherwise be billed to whichever variant runs first and skew the compute accounting."""
+    otherwise be billed to whichever variant runs first and skew the compute accounting. `call`: the model to
+    run (default: the pipeline's UNet with its adapter off)."""
     if jobs:
-        sample(pipe, base_call(pipe.unet), None, [jobs[0][0]], [jobs[0][1]], replace(settings, steps=1))
+        sample(pipe, call or base_call(pipe.unet), None, [jobs[0][0]], [jobs[0][1]], replace(settings, steps=1))
 
 
 def sample_all(

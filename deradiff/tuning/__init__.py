@@ -1,8 +1,10 @@
 """Choosing the KL strength: which lambda (hence beta = beta0 / lambda) best meets a stated criterion.
 
-This package's pure core: `criterion` parses what the tune YAML asks for (maximize / minimize, subject_to),
-`select` (`choose`) applies the interval-respecting rule to a table of measured lambdas. Sampling and the command
-build on these. (Named `tuning`, not `tune`, so that a `deradiff.tune(...)` function can exist beside it.)
+`criterion` parses what the tune YAML asks for (maximize / minimize, subject_to), `select` (`choose`) applies
+the interval-respecting rule to a table of measured lambdas, `search` places the lambdas, `sampling` samples
+them as one batch of shared-noise trajectories, `measure` gives every metric its bootstrap interval, `stage`
+runs the command (`run_tune`), `verify` retrains at the chosen beta, `report` draws the page, `api` is
+`deradiff.tune(pipe, ...)`. (Named `tuning`, not `tune`, so that the `deradiff.tune` function can exist.)
 """
 
 from deradiff.tuning.criterion import Constraint, Criterion, parse_criterion
