@@ -269,7 +269,8 @@ def test_verify_trains_at_the_chosen_beta_and_compares_on_the_same_noise(tiny_ba
     anchor = run_reward_grad(train)["lora_dir"]
     settings = ["prompts=[red, blue]", "seeds=[0, 1, 2]", "sampling.steps=3", "sampling.guidance_scale=2.0",
                 "search.num_lambdas=5", "search.lambda_max=2", "search.refine_lambdas=2", "kid_features=pixels",
-                "bootstrap.replicates=50", "tracker.backend=none", "maximize=path_kl"]
+                "bootstrap.replicates=50", "tracker.backend=none", "maximize=path_kl", "oracle.enabled=on",
+                "oracle.samples_per_prompt=8", "oracle.min_ess=1", f"oracle.cache_dir={tmp_path / 'cache'}"]
     probe = run_tune(load_config(TuneConfig, None, [f"output_dir={tmp_path / 'probe'}", f"anchor_lora={anchor}", *settings]))
     bound = next(r["path_kl_hi"] for r in probe.results["rows"] if r["lambda"] == 0.5) * 1.0001  # lambda* = 0.5
     cfg = load_config(TuneConfig, None, [f"output_dir={tmp_path / 'tune'}", f"anchor_lora={anchor}", *settings,
@@ -281,7 +282,7 @@ def test_verify_trains_at_the_chosen_beta_and_compares_on_the_same_noise(tiny_ba
     meta = read_lora_metadata(verify["lora_dir"])
     assert meta["beta"] == pytest.approx(1.0) and verify["beta"] == pytest.approx(1.0)  # beta0 / lambda* = 0.5 / 0.5
     rows = {m["metric"]: m for m in verify["metrics"]}
-    assert set(rows) == {"vividness", "path_kl", "diversity", "kid", "objective"}
+    assert set(rows) == {"vividness", "path_kl", "diversity", "kid", "kl_to_optimum", "objective"}
     chosen = next(r for r in result.results["rows"] if r["lambda"] == 0.5)
     assert rows["path_kl"]["realigned"] == pytest.approx(chosen["path_kl"])  # the same draws as the table
     for m in rows.values():
@@ -300,3 +301,46 @@ def test_thin_script_runs_the_same_command():
     done = subprocess.run([sys.executable, str(root / "eval" / "tune.py"), "--help"], capture_output=True, text=True,
                           cwd=root, timeout=120)
     assert done.returncode == 0 and "subject_to" in done.stdout and "Exit status 3" in done.stdout
+
+
+# ---- the oracle in the criterion -------------------------------------------------------------------------
+def _reward_anchor(root, base) -> str:
+    meta = {"base_model": str(base), "method": "reward_grad", "beta": BETA0, "beta_units": "reward", "reward": "vividness",
+            "sampler": {"num_steps": 3, "eta": 1.0, "guidance_scale": 1.0}}
+    return save_random_lora(root / "reward-anchor", meta, scale=0.05)
+
+
+def test_oracle_metrics_are_the_exact_optimum_at_each_strength(anchor, tmp_path):
+    """kl_to_optimum and oracle_<metric> come from importance-weighted base samples: oracle_vividness at lambda
+    is the prompt mean of sum_i softmax(r_i * lambda / beta0) r_i over the cached base samples (hand formula)."""
+    from safetensors.torch import load_file
+
+    from deradiff.rewards import get_reward
+
+    ref = _reward_anchor(tmp_path, Path(anchor).parent / "base")
+    cfg = load_config(TuneConfig, None, [
+        f"output_dir={tmp_path / 'tune'}", f"anchor_lora={ref}", "maximize=vividness", "subject_to=['kl_to_optimum <= 50']",
+        "prompts=[red circle, blue square]", "seeds=[0, 1, 2]", "sampling.steps=3", "search.num_lambdas=4",
+        "search.lambda_max=2", "search.refine_lambdas=0", "kid_features=none", "bootstrap.replicates=30",
+        "oracle.samples_per_prompt=12", "oracle.min_ess=1", f"oracle.cache_dir={tmp_path / 'cache'}", "tracker.backend=none"])
+    result = run_tune(cfg)
+    rows = {r["lambda"]: r for r in result.results["rows"]}
+    assert rows[0.0]["kl_to_optimum"] == 0.0 and rows[0.0]["oracle_vividness"] == rows[0.0]["vividness"]
+    images = load_file(str(next((tmp_path / "cache").glob("*.safetensors"))))["images"].float()
+    reward = get_reward("vividness")(images, ["red circle"] * 12 + ["blue square"] * 12).double().view(2, 12)
+    for lam in (0.666667, 2.0):
+        weights = torch.softmax(reward * lam / BETA0, dim=1)
+        expected = float((weights * reward).sum(1).mean())
+        assert rows[lam]["oracle_vividness"] == pytest.approx(expected, rel=1e-6)
+        assert rows[lam]["kl_to_optimum_lo"] <= rows[lam]["kl_to_optimum"] <= rows[lam]["kl_to_optimum_hi"]
+        assert rows[lam]["feasible"] == (rows[lam]["kl_to_optimum_hi"] <= 50)
+
+
+def test_an_oracle_metric_needs_a_reward_unit_anchor_sampled_as_trained(anchor, tmp_path, capsys):
+    out = tmp_path / "no-oracle"
+    assert main(["tune", *_cli(out, anchor, "subject_to=['kl_to_optimum <= 1']")]) == 2  # a DPO-style anchor
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kl_to_optimum" in err[0] and "no oracle" in err[0]
+    assert not (out / "tune.json").exists()
+    with pytest.raises(ConfigError, match="oracle.enabled' is off"):
+        _config(tmp_path, anchor, "maximize=oracle_vividness", "oracle.enabled=off")

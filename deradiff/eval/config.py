@@ -56,6 +56,14 @@ class OracleSection:
             raise ConfigError(f"config key 'oracle.min_ess' must be >= 1, got {self.min_ess}")
         check_seed(self.seed_offset, "oracle.seed_offset", count=self.samples_per_prompt)
 
+    def check_apart(self, seeds: list[int]) -> None:
+        """The oracle's base samples must not reuse a sampled seed's noise (the two would not be independent)."""
+        first, count = self.seed_offset, self.samples_per_prompt
+        shared = sorted(s for s in seeds if first <= s < first + count)
+        if shared:
+            raise ConfigError(f"config key 'seeds' has {shared[0]}, which the oracle also draws (oracle.seed_offset + "
+                              f"0..{count - 1} = {first}..{first + count - 1}); use other seeds or move oracle.seed_offset")
+
 
 @dataclass
 class BootstrapSection:
@@ -113,7 +121,8 @@ class EvalConfig:
         if len(set(self.seeds)) != len(self.seeds) or len(self.seeds) < 2:  # diversity and intervals compare seeds
             raise ConfigError(f"config key 'seeds' must list at least 2 distinct seeds, got {self.seeds}")
         check_seeds(self.seeds, "seeds")
-        self._check_oracle_seeds()
+        if self.oracle.enabled != "off":
+            self.oracle.check_apart(self.seeds)
         if self.prompts is not None and not any(p.strip() for p in self.prompts):
             raise ConfigError("config key 'prompts' lists no prompts (null: the tiny world's eval prompts)")
         if self.prompts is None and self.num_prompts < 1:
@@ -122,15 +131,6 @@ class EvalConfig:
         check_min(self, "", {"grid_prompts": 0, "grid_seeds": 0, "threads": 0})
         check_device(self.device, "device")
 
-    def _check_oracle_seeds(self) -> None:
-        """The oracle's base samples must not reuse an eval seed's noise (the two would not be independent)."""
-        if self.oracle.enabled == "off":
-            return
-        first, count = self.oracle.seed_offset, self.oracle.samples_per_prompt
-        shared = sorted(s for s in self.seeds if first <= s < first + count)
-        if shared:
-            raise ConfigError(f"config key 'seeds' has {shared[0]}, which the oracle also draws (oracle.seed_offset + "
-                              f"0..{count - 1} = {first}..{first + count - 1}); use other seeds or move oracle.seed_offset")
 
     def _check_rewards(self) -> None:
         """Unknown reward names fail when the config loads, not after every model has been sampled."""

@@ -7,7 +7,7 @@ from typing import Literal
 
 from deradiff.config import check_device, check_min, check_seeds, option
 from deradiff.errors import ConfigError
-from deradiff.eval.config import BootstrapSection, SamplingSection
+from deradiff.eval.config import BootstrapSection, OracleSection, SamplingSection
 from deradiff.realign.mixing import check_lambda
 from deradiff.training.config import TrackerSection
 from deradiff.tuning.criterion import Criterion, parse_criterion
@@ -22,11 +22,26 @@ def with_deltas(names: list[str]) -> list[str]:
     return [*names, *(f"{n}{DELTA}" for n in names if n not in ("path_kl", "kid"))]
 
 
+KL_TO_OPTIMUM = "kl_to_optimum"  # KL(realigned lambda || the exact optimum at beta0 / lambda), nats
+ORACLE = "oracle_"  # 'oracle_<metric>': the exact optimum's value at beta0 / lambda (e.g. oracle_vividness)
+
+
+def oracle_metrics(names: list[str]) -> list[str]:
+    return [KL_TO_OPTIMUM, *(f"{ORACLE}{n}" for n in names if n != "kid")]
+
+
+def uses_oracle(criterion: Criterion) -> list[str]:
+    """The criterion's metrics that need the oracle."""
+    return [m for m in criterion.metrics() if m == KL_TO_OPTIMUM or m.startswith(ORACLE)]
+
+
 def known_metrics() -> list[str]:
-    """Every name a criterion may use: the registered rewards, the measured sample metrics, their deltas."""
+    """Every name a criterion may use: the registered rewards, the measured sample metrics, their deltas, and
+    the oracle's metrics (reward-unit anchors only; checked when the anchor is read)."""
     from deradiff.rewards import available_rewards
 
-    return with_deltas([*available_rewards(), *SAMPLE_METRICS])
+    names = [*available_rewards(), *SAMPLE_METRICS]
+    return [*with_deltas(names), *oracle_metrics(names)]
 
 
 @dataclass
@@ -72,6 +87,9 @@ class TuneConfig:
     verify: bool = option(False, "train one LoRA at the chosen beta with the anchor's own config and compare it "
                                  "with the anchor realigned to the chosen lambda")
     verify_overrides: list[str] = option([], "key=value overrides for the verify training run (e.g. train.max_steps=40)")
+    oracle: OracleSection = option(factory=OracleSection, help="the exact optimum at beta0 / lambda from importance-"
+                                   "weighted base samples (reward-unit anchors): drawn when the criterion uses "
+                                   "kl_to_optimum or oracle_<metric>, or when oracle.enabled is on")
     bootstrap: BootstrapSection = option(factory=BootstrapSection, help="intervals over (prompt, seed)")
     threads: int = option(0, "torch CPU threads (0: torch's default); 1 is far faster on small shared CPUs")
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -83,10 +101,18 @@ class TuneConfig:
         return parse_criterion({"maximize": self.maximize, "minimize": self.minimize, "subject_to": self.subject_to},
                                known_metrics())
 
+    def wants_oracle(self) -> bool:
+        """The oracle's base samples cost minutes: drawn only when the criterion reads them, or when asked."""
+        return self.oracle.enabled == "on" or bool(uses_oracle(self.criterion()))
+
     def validate(self) -> None:
         criterion = self.criterion()  # a malformed criterion or an unknown metric fails at load, before any sampling
         if self.kid_features == "none" and "kid" in criterion.metrics():
             raise ConfigError("the criterion uses kid but config key 'kid_features' is none; choose classifier or pixels")
+        if self.oracle.enabled == "off" and uses_oracle(criterion):
+            raise ConfigError(f"the criterion uses {uses_oracle(criterion)[0]} but config key 'oracle.enabled' is off")
+        if self.wants_oracle():
+            self.oracle.check_apart(self.seeds)
         from deradiff.rewards import check_reward_name
 
         for key, names in (("rewards", self.rewards), ("reward_options", list(self.reward_options))):

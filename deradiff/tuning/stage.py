@@ -7,6 +7,7 @@ lambdas, the optional verify training, and the outputs (tune.json first, then fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,19 +21,21 @@ from tqdm.auto import tqdm
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.eval import report as eval_report
-from deradiff.eval.compare import eval_prompts, feature_fn, resolve_device, reward_fns
+from deradiff.eval.compare import eval_prompts, feature_fn, resolve_device, reward_fns, settings_of
 from deradiff.eval.config import BootstrapSection, SamplingSection
 from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, warm_up
 from deradiff.eval.plan import LoraInfo, read_lora
 from deradiff.eval.scoring import FeatureFn, RewardFn
-from deradiff.eval.variants import unet_call
+from deradiff.eval.uncertainty import OracleEvidence
+from deradiff.eval.validation import worst_ess
+from deradiff.eval.variants import Variant, unet_call
 from deradiff.fileio import atomic_path, check_output_dir, check_results_absent, read_json, remove_outputs, write_text_atomic
 from deradiff.realign.mixing import effective_beta
 from deradiff.training.lock import OutputDirLock
 from deradiff.training.tracking import retire_runs
 from deradiff.tuning import measure
-from deradiff.tuning.config import DELTA, SearchSection, TuneConfig
+from deradiff.tuning.config import DELTA, SearchSection, TuneConfig, uses_oracle
 from deradiff.tuning.criterion import Criterion
 from deradiff.tuning.search import dense_grid, refine_grid
 from deradiff.tuning.tracking import log_tune, tune_group
@@ -87,9 +90,14 @@ def _run_tune(cfg: TuneConfig, out: Path, loader: Loader, rewards: dict[str, Rew
         from deradiff.tuning.verify import prepare
 
         retrain = prepare(cfg, anchor)  # the anchor's training config is read and checked before any sampling
+    if cfg.wants_oracle():
+        check_oracle(cfg, anchor)
     jobs = make_jobs(eval_prompts(cfg), cfg.seeds)
-    pipe = loader(base_model, anchor.path, resolve_device(cfg.device))
-    search = Search((cfg.search, cfg.sampling, cfg.bootstrap), pipe, jobs, rewards, features, criterion, anchor.beta)
+    device = resolve_device(cfg.device)
+    pipe = loader(base_model, anchor.path, device)
+    oracle = draw_oracle(cfg, anchor, base_model, jobs, rewards, loader, device) if cfg.wants_oracle() else None
+    search = Search((cfg.search, cfg.sampling, cfg.bootstrap), pipe, jobs, rewards, features, criterion, anchor.beta,
+                    oracle=oracle, min_ess=cfg.oracle.min_ess)
     choice, infeasible = search.run()
     tune_seconds = time.perf_counter() - start
     results = build_results(cfg, anchor, base_model, search, choice, infeasible, tune_seconds)
@@ -101,6 +109,34 @@ def _run_tune(cfg: TuneConfig, out: Path, loader: Loader, rewards: dict[str, Rew
     retire_runs(out)  # the previous tune's W&B run describes results that were just replaced
     log_tune(cfg, anchor, results, out, tracker_factory)
     return TuneResult(results=results, page=page, seconds=time.perf_counter() - start)
+
+
+def check_oracle(cfg: TuneConfig, anchor: LoraInfo) -> None:
+    """The oracle needs a reward-unit anchor sampled exactly as it was trained: refused before any sampling."""
+    from deradiff.eval.oracle import applicability
+
+    s = cfg.sampling
+    reason = applicability(anchor, [], {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
+    if reason is None and (s.height or s.width):
+        reason = "no oracle: sampling.height/width differ from the training resolution"
+    if reason is not None:
+        wanted = uses_oracle(cfg.criterion()) or ["oracle.enabled=on"]
+        raise DeradiffError(f"the tune asks for the oracle ({wanted[0]}) but {reason}")
+
+
+def draw_oracle(cfg: TuneConfig, anchor: LoraInfo, base_model: str, jobs: Sequence[Job], rewards: dict[str, RewardFn],
+                loader: Loader, device: str) -> OracleEvidence:
+    """The eval's oracle base samples (cached across runs), scored, with bare reward names."""
+    from deradiff.eval.validation import oracle_evidence, oracle_samples
+
+    prompts = list(dict.fromkeys(p for p, _ in jobs))
+    base = Variant("base", "base", anchor.path, anchor.method, None)
+    print(f"tune: oracle, {cfg.oracle.samples_per_prompt} base samples per prompt (cached across runs)")
+    images, _, _ = oracle_samples(base, base_model, prompts, settings_of(cfg), cfg.oracle, cfg.sampling.batch_size,
+                                  loader, device)
+    found = oracle_evidence(images, prompts, rewards, anchor.reward, [])
+    bare = {k.removeprefix("reward_"): v for k, v in found.per_sample.items()}
+    return dataclasses.replace(found, per_sample=bare, tilt_key=found.tilt_key.removeprefix("reward_"))
 
 
 def reward_names(cfg: TuneConfig, criterion: Criterion, anchor: LoraInfo) -> list[str]:
@@ -119,8 +155,10 @@ class Search:
     """The lambdas sampled so far, their measurements and the table the choice reads."""
 
     def __init__(self, sections: Sections, pipe: Any, jobs: Sequence[Job], rewards: dict[str, RewardFn],
-                 features: FeatureFn | None, criterion: Criterion, beta0: float | None, aligned_unet: Any = None):
+                 features: FeatureFn | None, criterion: Criterion, beta0: float | None, aligned_unet: Any = None,
+                 oracle: OracleEvidence | None = None, min_ess: float = 0.0):
         self.search, self.sampling, self.boot = sections
+        self.oracle_evidence, self.min_ess = oracle, min_ess  # base samples tilted to the optimum (or None)
         self.pipe, self.jobs, self.rewards, self.features = pipe, list(jobs), rewards, features
         self.criterion, self.beta0, self.aligned_unet = criterion, beta0, aligned_unet
         self.settings = SampleSettings(steps=self.sampling.steps, eta=self.sampling.eta,
@@ -159,11 +197,13 @@ class Search:
         """Measure every sampled lambda (one paired bootstrap over all of them), measure each one's objective
         gap to the best feasible one on the same draws, then apply the choice rule."""
         self.rows = self.table()
-        ok = feasible(self.rows, self.criterion)
+        # an objective the data cannot form (an oracle metric where the oracle is unreliable) is not a candidate
+        candidates = [r for r in self.rows if math.isfinite(r["objective"])]
+        ok = feasible(candidates, self.criterion)
         if ok:
             self.add_gaps(best_feasible(ok)["lambda"])
         try:
-            return choose(self.rows, self.criterion, self.beta0), None
+            return choose(candidates, self.criterion, self.beta0), None
         except InfeasibleError as exc:
             return None, {"message": str(exc), "lambda": exc.lam}
 
@@ -177,7 +217,7 @@ class Search:
             for metric, interval in model_intervals(intervals, lambda_label(lam)).items():
                 row.update({metric: interval.value, f"{metric}_lo": interval.lo, f"{metric}_hi": interval.hi})
             rows.append(row)
-        ok = {r["lambda"] for r in feasible(rows, self.criterion)}
+        ok = {r["lambda"] for r in feasible([r for r in rows if math.isfinite(r["objective"])], self.criterion)}
         for row in rows:
             row["feasible"] = row["lambda"] in ok
         return rows
@@ -194,11 +234,14 @@ class Search:
             gap = intervals[f"{lambda_label(row['lambda'])}/objective_gap"]
             row.update({"objective_gap": gap.value, "objective_gap_lo": gap.lo, "objective_gap_hi": gap.hi})
 
-    def bootstrap(self, extra: dict[str, VariantSamples] | None = None,
-                  derived: measure.Derived = lambda rows: {}) -> dict[str, measure.Interval]:
+    def bootstrap(self, extra: dict[str, VariantSamples] | None = None, derived: measure.Derived = lambda rows: {},
+                  extra_betas: dict[str, float] | None = None) -> dict[str, measure.Interval]:
         """Intervals of every model's metrics and objective ('<model>/<metric>'; models: every lambda's label and
-        the `extra` ones, all measured on the same draws) and of what `derived` computes from one draw's rows."""
+        the `extra` ones, all measured on the same draws) and of what `derived` computes from one draw's rows.
+        `extra_betas`: the strength of each extra model, for its KL to the optimum (with an oracle)."""
         measured = self.measured(extra or {})
+        betas = {lambda_label(lam): effective_beta(self.beta0, lam) for lam in self.samples} | (extra_betas or {})
+        oracle = self.oracle_at({k: None if math.isinf(v) else v for k, v in betas.items()})
         value, b = self.criterion.value, self.boot
 
         def objective_and_derived(rows: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -206,7 +249,17 @@ class Search:
 
         with tqdm(total=b.replicates, desc="tune bootstrap", unit="draw", leave=False) as bar:
             return measure.intervals(measured, lambda_label(0.0), b.replicates, b.seed, b.confidence,
-                                     objective_and_derived, progress=bar.update)
+                                     objective_and_derived, progress=bar.update, oracle=oracle)
+
+    def oracle_at(self, betas: dict[str, float | None]) -> measure.Oracle | None:
+        """The oracle at these models' strengths (None without base samples); strengths where some prompt's
+        effective sample size is below oracle.min_ess are unreliable (their oracle metrics NaN, as in the eval)."""
+        if self.oracle_evidence is None:
+            return None
+        finite = sorted({b for b in betas.values() if b is not None})
+        evidence = dataclasses.replace(self.oracle_evidence, betas=finite)
+        weak = {b for b in finite if worst_ess(evidence, b) < self.min_ess}
+        return measure.Oracle(evidence, betas, {name for name, b in betas.items() if b in weak})
 
     def measured(self, extra: dict[str, VariantSamples]) -> dict[str, measure.Measured]:
         """Every lambda's (and `extra` model's) per-sample numbers, each model scored once."""

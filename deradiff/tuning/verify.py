@@ -15,7 +15,7 @@ from deradiff.eval.plan import LoraInfo
 from deradiff.eval.variants import Variant
 from deradiff.fileio import check_output_dir
 from deradiff.training.checkpoint import TRAIN_CONFIG
-from deradiff.tuning.config import DELTA, TuneConfig
+from deradiff.tuning.config import DELTA, ORACLE, TuneConfig
 from deradiff.tuning.select import Choice
 
 NOTE = ("Same prompts, seeds and per-step noise for both models. difference = realigned - retrained with a {conf:g}% "
@@ -94,7 +94,8 @@ def compare(search: Any, choice: Choice, retrained: Any, summary: dict[str, Any]
     from deradiff.tuning.stage import lambda_label, model_intervals
 
     realigned = lambda_label(choice.lam)
-    names = [*(m for m in search.metrics() if not m.endswith(DELTA)), "objective"]  # a delta's difference is the metric's
+    # a delta's difference is the metric's; the optimum's own metrics are the same optimum for both
+    names = [*(m for m in search.metrics() if not m.endswith(DELTA) and not m.startswith(ORACLE)), "objective"]
 
     value = search.criterion.value
 
@@ -102,7 +103,7 @@ def compare(search: Any, choice: Choice, retrained: Any, summary: dict[str, Any]
         diff = {f"difference/{m}": rows[realigned][m] - rows["retrained"][m] for m in names if m != "objective"}
         return diff | {"difference/objective": value(rows[realigned]) - value(rows["retrained"])}
 
-    intervals = search.bootstrap({"retrained": retrained}, differences)
+    intervals = search.bootstrap({"retrained": retrained}, differences, extra_betas={"retrained": choice.beta})
     mine, theirs, diff = (model_intervals(intervals, n) for n in (realigned, "retrained", "difference"))
     table = []
     for m in names:
