@@ -6,6 +6,8 @@ ranks end with the same adapter (per-rank digests gathered by the shared trainer
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -18,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow  # ~16 s; 2-process DDP itself stays in the default suite (test_dpo_distributed)
 def test_ddpo_two_cpu_processes(tmp_path: Path) -> None:
     base = tmp_path / "base"
     tiny_sd_pipeline().save_pretrained(str(base))

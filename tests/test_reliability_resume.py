@@ -136,6 +136,7 @@ def test_sigkill_during_checkpoint_save_then_resume_matches_uninterrupted(assets
     assert not (out / LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # ~30 s; the single-SIGKILL tests above keep resume-after-kill in the default suite
 def test_three_sigkills_at_random_steps_then_resume_matches_uninterrupted(assets, reference, capsys):
     """Three kills of the same run at three seeded-random steps (mid-save, after a save, mid-save), each time
     resumed from `latest` by a fresh process; the final in-process resume equals the uninterrupted run."""

@@ -41,6 +41,7 @@ def test_shipped_classifier_reads_clean_renders():
     assert min(acc.values()) >= 0.95, acc
 
 
+@pytest.mark.slow  # ~8 s; the shipped model's measured quality (README figures)
 def test_quality_on_held_out_eval_prompts(shipped_pipe):
     from deradiff.world.quality import measure_quality
 
