@@ -126,6 +126,7 @@ def test_a_deleted_lora_is_named_as_missing_with_its_key(loras, tmp_path):
         run_eval(_config(tmp_path / "out", (anchor, [gone])), loader=never_loads, rewards={"brightness": brightness})
 
 
+@pytest.mark.slow  # ~10 s (two evals)
 def test_an_overwrite_leaves_exactly_the_files_a_fresh_eval_writes(loras, tmp_path):
     """Was: an old grid and the old samples.safetensors stayed beside the new results (also on study reruns)."""
     from test_reliability_helpers import files_under

@@ -63,6 +63,7 @@ def test_fidelity_reward_prefers_matching_prompt():
     assert right.item() > 0.8 and all(w.item() < 0.2 for w in wrong)
 
 
+@pytest.mark.slow  # ~7 s (a short pretrain)
 def test_pretrain_and_quality_commands_end_to_end(tmp_path):
     from deradiff.cli import main
 

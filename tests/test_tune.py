@@ -258,6 +258,7 @@ def test_verify_needs_the_anchors_training_config_before_any_sampling(anchor, tm
     assert not (out / "tune.json").exists()
 
 
+@pytest.mark.slow  # ~15 s (two trainings, two tunes); verify's refusal without a config stays in the default suite
 def test_verify_trains_at_the_chosen_beta_and_compares_on_the_same_noise(tiny_base, tmp_path):
     from deradiff.models.pipelines import read_lora_metadata
     from deradiff.training.reward_grad import RewardGradConfig, run_reward_grad
