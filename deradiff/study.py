@@ -121,9 +121,9 @@ def read_marker(marker: Path) -> dict[str, Any]:
 
 # ---- stage configs ---------------------------------------------------------------------------------------
 def trainer_spec(method: str) -> Any:
-    from deradiff.training.registry import trainers
+    from deradiff.training.registry import trainer
 
-    return trainers()[method]
+    return trainer(method)
 
 
 def prefs_path(cfg: StudyConfig) -> Path:

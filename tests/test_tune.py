@@ -320,7 +320,8 @@ def test_oracle_metrics_are_the_exact_optimum_at_each_strength(anchor, tmp_path)
 
     ref = _reward_anchor(tmp_path, Path(anchor).parent / "base")
     cfg = load_config(TuneConfig, None, [
-        f"output_dir={tmp_path / 'tune'}", f"anchor_lora={ref}", "maximize=vividness", "subject_to=['kl_to_optimum <= 50']",
+        f"output_dir={tmp_path / 'tune'}", f"anchor_lora={ref}", "maximize=vividness",
+        "subject_to=['kl_to_optimum <= 50', 'oracle_fidelity >= 0']",  # fidelity is scored because an oracle metric reads it
         "prompts=[red circle, blue square]", "seeds=[0, 1, 2]", "sampling.steps=3", "search.num_lambdas=4",
         "search.lambda_max=2", "search.refine_lambdas=0", "kid_features=none", "bootstrap.replicates=30",
         "oracle.samples_per_prompt=12", "oracle.min_ess=1", f"oracle.cache_dir={tmp_path / 'cache'}", "tracker.backend=none"])
@@ -335,6 +336,7 @@ def test_oracle_metrics_are_the_exact_optimum_at_each_strength(anchor, tmp_path)
         assert rows[lam]["oracle_vividness"] == pytest.approx(expected, rel=1e-6)
         assert rows[lam]["kl_to_optimum_lo"] <= rows[lam]["kl_to_optimum"] <= rows[lam]["kl_to_optimum_hi"]
         assert rows[lam]["feasible"] == (rows[lam]["kl_to_optimum_hi"] <= 50)
+        assert 0 <= rows[lam]["oracle_fidelity_lo"] <= rows[lam]["oracle_fidelity"] <= rows[lam]["oracle_fidelity_hi"] <= 1
 
 
 def test_an_oracle_metric_needs_a_reward_unit_anchor_sampled_as_trained(anchor, tmp_path, capsys):

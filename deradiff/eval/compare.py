@@ -16,7 +16,7 @@ from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.fileio import atomic_path, check_output_dir, check_results_absent, remove_outputs
 from deradiff.eval import report, validation
-from deradiff.eval.config import EvalConfig
+from deradiff.eval.config import EvalConfig, SamplingSection
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, process_state, sample_distributed
 from deradiff.eval.plan import plan
 from deradiff.eval.sampler import SampleSettings
@@ -79,8 +79,8 @@ def feature_fn(kind: str) -> FeatureFn | None:
     return classifier_features(load_classifier())
 
 
-def settings_of(cfg: EvalConfig) -> SampleSettings:
-    s = cfg.sampling
+def settings_of(s: SamplingSection) -> SampleSettings:
+    """How every model is sampled, from a config's sampling section."""
     return SampleSettings(steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale, height=s.height, width=s.width,
                           branches=s.branches)
 
@@ -114,10 +114,10 @@ def _run_eval(cfg: EvalConfig, loader: Loader, rewards: dict[str, RewardFn] | No
         raise DeradiffError(f"the oracle tilts by the anchor's reward '{oracle.reward}', which is not among the scored rewards")
     features = feature_fn(cfg.kid_features) if features == "config" else features
     jobs = make_jobs(prompts, cfg.seeds)
-    samples = sample_distributed(variants, base_model, jobs, settings_of(cfg), cfg.sampling.batch_size, loader, device)
+    samples = sample_distributed(variants, base_model, jobs, settings_of(cfg.sampling), cfg.sampling.batch_size, loader, device)
     oracle_images, oracle_meta = None, validation.describe(oracle, cfg.oracle)
     if oracle.reason is None:
-        oracle_images, cache, cached = validation.oracle_samples(variants[0], base_model, prompts, settings_of(cfg), cfg.oracle,
+        oracle_images, cache, cached = validation.oracle_samples(variants[0], base_model, prompts, settings_of(cfg.sampling), cfg.oracle,
                                                                  cfg.sampling.batch_size, loader, device)
         oracle_meta = validation.describe(oracle, cfg.oracle, cache, cached)
     if not process_state().is_main_process:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deradiff.errors import DeradiffError
-from deradiff.eval.config import EvalConfig, OracleSection
+from deradiff.eval.config import EvalConfig, OracleSection, SamplingSection
 from deradiff.eval.generate import Job, Loader, VariantSamples, make_jobs, sample_distributed
 from deradiff.eval.metrics import pairwise_distances
 from deradiff.eval.oracle import applicability, oracle_name, tilt
@@ -42,13 +42,18 @@ def oracle_plan(cfg: EvalConfig, anchor: LoraInfo, retrained: Sequence[LoraInfo]
     """Decide before any sampling; oracle.enabled=on turns 'does not apply' into an error."""
     if cfg.oracle.enabled == "off":
         return OraclePlan("no oracle: oracle.enabled is off", None)
-    s = cfg.sampling
-    reason = applicability(anchor, retrained, {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
-    if reason is None and (s.height or s.width):
-        reason = "no oracle: sampling.height/width differ from the training resolution"
+    reason = oracle_reason(cfg.sampling, anchor, retrained)
     if reason is not None and cfg.oracle.enabled == "on":
         raise DeradiffError(f"oracle.enabled is on but {reason}")
     return OraclePlan(reason, None if reason else anchor.reward)
+
+
+def oracle_reason(s: SamplingSection, anchor: LoraInfo, retrained: Sequence[LoraInfo]) -> str | None:
+    """Why the oracle does not apply to these LoRAs sampled this way (None: it applies)."""
+    reason = applicability(anchor, retrained, {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
+    if reason is None and (s.height or s.width):
+        reason = "no oracle: sampling.height/width differ from the training resolution"
+    return reason
 
 
 # ---- the oracle's base samples ---------------------------------------------------------------------------

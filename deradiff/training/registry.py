@@ -45,3 +45,13 @@ def trainers() -> dict[str, TrainerSpec]:
             if exc.name != module:
                 raise
     return dict(_TRAINERS)
+
+
+def trainer(name: str) -> TrainerSpec:
+    """One registered trainer by name; an unknown name is a one-line error listing the known ones."""
+    found = trainers()
+    if name not in found:
+        from deradiff.errors import DeradiffError
+
+        raise DeradiffError(f"no trainer '{name}' (known: {', '.join(sorted(found))})")
+    return found[name]

@@ -14,7 +14,7 @@ from deradiff.errors import DeradiffError
 from deradiff.eval.config import BootstrapSection, SamplingSection
 from deradiff.eval.generate import VariantSamples, make_jobs
 from deradiff.eval.scoring import FeatureFn, RewardFn
-from deradiff.tuning.config import DELTA, SAMPLE_METRICS, SearchSection, with_deltas
+from deradiff.tuning.config import SAMPLE_METRICS, SearchSection, rewards_in, with_deltas
 from deradiff.tuning.criterion import parse_criterion
 from deradiff.tuning.select import Choice
 
@@ -54,8 +54,7 @@ def _rewards(names: Sequence[str], given: Mapping[str, RewardFn] | Sequence[str]
 
     custom = dict(given) if isinstance(given, Mapping) else {}
     extra = list(given) if given is not None and not isinstance(given, Mapping) else []
-    bare = [n.removesuffix(DELTA) for n in names]
-    wanted = list(dict.fromkeys([*(n for n in bare if n in available_rewards() or n in custom), *extra, *custom]))
+    wanted = list(dict.fromkeys([*rewards_in(list(names), [*available_rewards(), *custom]), *extra, *custom]))
     return {n: custom[n] if n in custom else get_reward(n) for n in wanted}
 
 

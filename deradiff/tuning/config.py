@@ -30,6 +30,13 @@ def oracle_metrics(names: list[str]) -> list[str]:
     return [KL_TO_OPTIMUM, *(f"{ORACLE}{n}" for n in names if n != "kid")]
 
 
+def rewards_in(metrics: list[str], rewards: list[str]) -> list[str]:
+    """The rewards (among `rewards`) that metric names read, each once, in order: 'fidelity', 'fidelity_delta'
+    and 'oracle_fidelity' all need fidelity scored."""
+    bare = [m.removeprefix(ORACLE).removesuffix(DELTA) for m in metrics]
+    return list(dict.fromkeys(m for m in bare if m in rewards))
+
+
 def uses_oracle(criterion: Criterion) -> list[str]:
     """The criterion's metrics that need the oracle."""
     return [m for m in criterion.metrics() if m == KL_TO_OPTIMUM or m.startswith(ORACLE)]

@@ -23,19 +23,18 @@ from deradiff.errors import DeradiffError
 from deradiff.eval import report as eval_report
 from deradiff.eval.compare import eval_prompts, feature_fn, resolve_device, reward_fns, settings_of
 from deradiff.eval.config import BootstrapSection, SamplingSection
-from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, warm_up
 from deradiff.eval.plan import LoraInfo, read_lora
 from deradiff.eval.scoring import FeatureFn, RewardFn
 from deradiff.eval.uncertainty import OracleEvidence
-from deradiff.eval.validation import worst_ess
+from deradiff.eval.validation import oracle_reason, with_interval, worst_ess
 from deradiff.eval.variants import Variant, unet_call
 from deradiff.fileio import atomic_path, check_output_dir, check_results_absent, read_json, remove_outputs, write_text_atomic
 from deradiff.realign.mixing import effective_beta
 from deradiff.training.lock import OutputDirLock
 from deradiff.training.tracking import retire_runs
 from deradiff.tuning import measure
-from deradiff.tuning.config import DELTA, SearchSection, TuneConfig, uses_oracle
+from deradiff.tuning.config import SearchSection, TuneConfig, rewards_in, uses_oracle
 from deradiff.tuning.criterion import Criterion
 from deradiff.tuning.search import dense_grid, refine_grid
 from deradiff.tuning.tracking import log_tune, tune_group
@@ -113,12 +112,7 @@ def _run_tune(cfg: TuneConfig, out: Path, loader: Loader, rewards: dict[str, Rew
 
 def check_oracle(cfg: TuneConfig, anchor: LoraInfo) -> None:
     """The oracle needs a reward-unit anchor sampled exactly as it was trained: refused before any sampling."""
-    from deradiff.eval.oracle import applicability
-
-    s = cfg.sampling
-    reason = applicability(anchor, [], {"num_steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale})
-    if reason is None and (s.height or s.width):
-        reason = "no oracle: sampling.height/width differ from the training resolution"
+    reason = oracle_reason(cfg.sampling, anchor, [])
     if reason is not None:
         wanted = uses_oracle(cfg.criterion()) or ["oracle.enabled=on"]
         raise DeradiffError(f"the tune asks for the oracle ({wanted[0]}) but {reason}")
@@ -132,7 +126,7 @@ def draw_oracle(cfg: TuneConfig, anchor: LoraInfo, base_model: str, jobs: Sequen
     prompts = list(dict.fromkeys(p for p, _ in jobs))
     base = Variant("base", "base", anchor.path, anchor.method, None)
     print(f"tune: oracle, {cfg.oracle.samples_per_prompt} base samples per prompt (cached across runs)")
-    images, _, _ = oracle_samples(base, base_model, prompts, settings_of(cfg), cfg.oracle, cfg.sampling.batch_size,
+    images, _, _ = oracle_samples(base, base_model, prompts, settings_of(cfg.sampling), cfg.oracle, cfg.sampling.batch_size,
                                   loader, device)
     found = oracle_evidence(images, prompts, rewards, anchor.reward, [])
     bare = {k.removeprefix("reward_"): v for k, v in found.per_sample.items()}
@@ -143,9 +137,8 @@ def reward_names(cfg: TuneConfig, criterion: Criterion, anchor: LoraInfo) -> lis
     """The rewards the criterion names, the extra ones the config lists, and the anchor's training reward."""
     from deradiff.rewards import available_rewards
 
-    named = [m.removesuffix(DELTA) for m in [*criterion.metrics(), *cfg.rewards, anchor.reward or ""]]
-    named = [m for m in named if m in available_rewards()]
-    return list(dict.fromkeys(named))
+    return rewards_in([*criterion.metrics(), *cfg.rewards, *([anchor.reward] if anchor.reward else [])],
+                      available_rewards())
 
 
 Sections = tuple[SearchSection, SamplingSection, BootstrapSection]
@@ -161,9 +154,7 @@ class Search:
         self.oracle_evidence, self.min_ess = oracle, min_ess  # base samples tilted to the optimum (or None)
         self.pipe, self.jobs, self.rewards, self.features = pipe, list(jobs), rewards, features
         self.criterion, self.beta0, self.aligned_unet = criterion, beta0, aligned_unet
-        self.settings = SampleSettings(steps=self.sampling.steps, eta=self.sampling.eta,
-                                       guidance_scale=self.sampling.guidance_scale, height=self.sampling.height,
-                                       width=self.sampling.width, branches=self.sampling.branches)
+        self.settings = settings_of(self.sampling)
         self.samples: dict[float, VariantSamples] = {}
         self.passes: dict[float, str] = {}
         self.rows: list[dict[str, Any]] = []
@@ -199,7 +190,7 @@ class Search:
         self.rows = self.table()
         # an objective the data cannot form (an oracle metric where the oracle is unreliable) is not a candidate
         candidates = [r for r in self.rows if math.isfinite(r["objective"])]
-        ok = feasible(candidates, self.criterion)
+        ok = [r for r in candidates if r["feasible"]]
         if ok:
             self.add_gaps(best_feasible(ok)["lambda"])
         try:
@@ -215,7 +206,7 @@ class Search:
             beta = effective_beta(self.beta0, lam)
             row: dict[str, Any] = {"lambda": lam, "beta": None if beta is None or math.isinf(beta) else beta, "pass": self.passes[lam]}
             for metric, interval in model_intervals(intervals, lambda_label(lam)).items():
-                row.update({metric: interval.value, f"{metric}_lo": interval.lo, f"{metric}_hi": interval.hi})
+                with_interval(row, metric, interval, value=True)
             rows.append(row)
         ok = {r["lambda"] for r in feasible([r for r in rows if math.isfinite(r["objective"])], self.criterion)}
         for row in rows:
@@ -231,8 +222,7 @@ class Search:
 
         intervals = self.bootstrap(derived=gaps)
         for row in self.rows:
-            gap = intervals[f"{lambda_label(row['lambda'])}/objective_gap"]
-            row.update({"objective_gap": gap.value, "objective_gap_lo": gap.lo, "objective_gap_hi": gap.hi})
+            with_interval(row, "objective_gap", intervals[f"{lambda_label(row['lambda'])}/objective_gap"], value=True)
 
     def bootstrap(self, extra: dict[str, VariantSamples] | None = None, derived: measure.Derived = lambda rows: {},
                   extra_betas: dict[str, float] | None = None) -> dict[str, measure.Interval]:

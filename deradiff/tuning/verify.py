@@ -12,9 +12,11 @@ from deradiff.config import load_config
 from deradiff.errors import DeradiffError
 from deradiff.eval.generate import Loader, sample_variant
 from deradiff.eval.plan import LoraInfo
+from deradiff.eval.validation import with_interval
 from deradiff.eval.variants import Variant
 from deradiff.fileio import check_output_dir
 from deradiff.training.checkpoint import TRAIN_CONFIG
+from deradiff.training.registry import trainer
 from deradiff.tuning.config import DELTA, ORACLE, TuneConfig
 from deradiff.tuning.select import Choice
 
@@ -37,16 +39,6 @@ def verify_dir(cfg: TuneConfig) -> Path:
     return Path(cfg.output_dir) / "verify"
 
 
-def trainer_spec(method: str) -> Any:
-    from deradiff.training.registry import trainers
-
-    found = trainers().get(method)
-    if found is None:
-        raise DeradiffError(f"verify: the anchor was trained with '{method}', which deradiff cannot retrain "
-                            f"(known: {', '.join(sorted(trainers()))})")
-    return found
-
-
 def prepare(cfg: TuneConfig, anchor: LoraInfo) -> RetrainPlan:
     """Everything verify needs, checked before any sampling: the anchor's training config loads (with the
     overrides), its trainer exists, and the verify folder is usable."""
@@ -66,7 +58,7 @@ def retrain_config(cfg: TuneConfig, plan: RetrainPlan, beta: float) -> Any:
     tune overwrites."""
     overrides = [*cfg.verify_overrides, f"output_dir={plan.output_dir}", f"{plan.method}.beta={beta!r}",
                  "train.resume_from=latest", f"train.overwrite={str(cfg.overwrite).lower()}"]
-    loaded = load_config(trainer_spec(plan.method).schema, plan.config_path, overrides)
+    loaded = load_config(trainer(plan.method).schema, plan.config_path, overrides)
     return dataclasses.replace(loaded, tracker=cfg.tracker)
 
 
@@ -81,7 +73,7 @@ def run_verify(cfg: TuneConfig, plan: RetrainPlan, choice: Choice, anchor: LoraI
 
     print(f"tune: verify, training one LoRA at beta {choice.beta:.4g} with the anchor's config")
     with wandb_group(group, "verify"):
-        summary = trainer_spec(plan.method).run(retrain_config(cfg, plan, choice.beta))
+        summary = trainer(plan.method).run(retrain_config(cfg, plan, choice.beta))
     pipe = loader(base_model, str(summary["lora_dir"]), resolve_device(cfg.device))
     variant = Variant("retrained", "retrained", str(summary["lora_dir"]), anchor.method, choice.beta)
     retrained = sample_variant(pipe, variant, search.jobs, search.settings, search.sampling.batch_size)
@@ -108,14 +100,12 @@ def compare(search: Any, choice: Choice, retrained: Any, summary: dict[str, Any]
     table = []
     for m in names:
         d = diff[m]
-        table.append({"metric": m, **_triple("realigned", mine[m]), **_triple("retrained", theirs[m]),
-                      **_triple("difference", d), "verdict": _verdict(d)})
+        row = {"metric": m}
+        for key, interval in (("realigned", mine[m]), ("retrained", theirs[m]), ("difference", d)):
+            with_interval(row, key, interval, value=True)
+        table.append(row | {"verdict": _verdict(d)})
     return {"beta": choice.beta, "lambda": choice.lam, "lora_dir": str(summary["lora_dir"]),
             "train_wall_s": summary.get("train_wall_s"), "metrics": table, "note": NOTE.format(conf=100 * confidence)}
-
-
-def _triple(prefix: str, interval: Any) -> dict[str, float]:
-    return {prefix: interval.value, f"{prefix}_lo": interval.lo, f"{prefix}_hi": interval.hi}
 
 
 def _verdict(diff: Any) -> str:
