@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from html import escape as html_escape
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,8 @@ def test_tune_writes_every_output_and_its_choice_follows_the_rule(finished):
         assert (out / name).is_file(), name
     assert saved["cost"]["lambdas_explored"] == len(lams) - 2 and saved["cost"]["ratio"] is None  # no training time known
     html = (out / "tune.html").read_text()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", saved["meta"]["date"]) and f"measured {saved['meta']['date']}" in html
+    assert "95% bootstrap intervals" in html
     assert f"{saved['choice']['lambda']:.4g}" in html and html_escape(saved['choice']['reason']) in html and "red circle" in html
 
 

@@ -338,7 +338,8 @@ def write_html(out: Path, results: dict[str, Any]) -> Path:
         f"<p>anchor: {html.escape(str(meta.get('anchor_lora', '')))} (beta0 = {_fmt(num(meta.get('beta0')))}, method "
         f"{html.escape(str(meta.get('method', '')))}); base: {html.escape(str(meta.get('base_model', '')))}; "
         f"{len(meta.get('prompts', []))} prompts x {len(meta.get('seeds', []))} seeds; "
-        f"{_fmt(num(meta.get('confidence')))} bootstrap intervals from {_fmt(meta.get('replicates'))} replicates</p>",
+        f"{num(meta.get('confidence')):.0%} bootstrap intervals from {_fmt(meta.get('replicates'))} replicates; "
+        f"measured {html.escape(str(meta.get('date', 'on an unrecorded date')))}</p>",
         _headline(results),
         f"<p>Criterion: <code>{html.escape(str(criterion.get('text', '')))}</code>. A lambda is feasible only when "
         "every constrained metric's whole interval satisfies its constraint.</p>",

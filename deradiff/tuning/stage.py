@@ -8,6 +8,7 @@ lambdas, the optional verify training, and the outputs (tune.json first, then fi
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import time
@@ -297,7 +298,8 @@ def build_results(cfg: TuneConfig, anchor: LoraInfo, base_model: str, search: Se
     meta = {"anchor_lora": anchor.path, "beta0": anchor.beta, "method": anchor.method, "base_model": base_model,
             "prompts": prompts, "seeds": list(cfg.seeds), "confidence": cfg.bootstrap.confidence,
             "replicates": cfg.bootstrap.replicates, "criterion": search.criterion.to_dict(),
-            "metrics": search.metrics(), "config": config_to_dict(cfg)}
+            "metrics": search.metrics(), "config": config_to_dict(cfg),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}  # when these numbers were measured
     chosen = None
     if choice is not None:
         chosen = {"lambda": choice.lam, "beta": choice.beta, "best": choice.best, "feasible": choice.feasible,
