@@ -7,7 +7,7 @@ from typing import Literal
 
 from deradiff.config import check_device, check_min, check_seed, check_seeds, option
 from deradiff.errors import ConfigError
-from deradiff.realign.mixing import check_lambda
+from deradiff.realignment.mixing import check_lambda
 from deradiff.training.config import TrackerSection
 
 
@@ -105,7 +105,7 @@ class EvalConfig:
     grid_prompts: int = option(2, "prompts that get an image grid (rows: models, columns: seeds)")
     grid_seeds: int = option(4, "seed columns per grid")
     save_samples: bool = option(True, "write every image and path KL to samples.safetensors (uint8)")
-    threads: int = option(0, "torch CPU threads (0: torch's default); 1 is far faster on small shared CPUs")
+    threads: int = option(0, "torch CPU threads (0: torch's default); small shared CPUs: docs/benchmarks.md")
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     group: str | None = option(None, "W&B group (one per study); null: the output folder name")
     overwrite: bool = option(False, "replace existing results in output_dir instead of refusing")

@@ -221,7 +221,7 @@ class ClipScore(_PromptReward):
 @register_reward("pickscore")
 class PickScore(_PromptReward):
     """PickScore (Kirstain et al. 2023): logit_scale.exp() * cosine(image, prompt), as in the paper's scoring
-    code (about 100 * cosine for PickScore_v1, typical values near 20). Not softmaxed across images: the
+    code (scale and typical values: docs/rewards.md). Not softmaxed across images: the
     score of one image does not depend on the others in the batch.
 
     `model_path`: the PickScore_v1 CLIPModel folder; `processor_path`: its processor (the paper uses the
@@ -241,7 +241,7 @@ class PickScore(_PromptReward):
 @register_reward("hpsv2")
 class HPSv2(_PromptReward):
     """HPSv2 / HPSv2.1 (Wu et al. 2023): cosine(image, prompt) of the HPS fine-tuned CLIP ViT-H/14, the
-    score the hpsv2 package reports (no logit scale; typical values 0.2-0.35).
+    score the hpsv2 package reports (no logit scale; typical values: docs/rewards.md).
 
     `model_path`: the HPS weights as a transformers CLIPModel folder with safetensors (a conversion of the
     open_clip checkpoint, e.g. the community `adams-story/HPSv2-hf`); the original `HPS_v2_compressed.pt`

@@ -81,7 +81,7 @@ class TrainSection:
     micro_batch_size: int = option(4, "samples (DPO: preference pairs) per process per forward")
     gradient_accumulation_steps: int = option(1, "micro-batches accumulated per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision; frozen base weights are cast to it")
-    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, slower)")
     seed: int = option(0, "seed for LoRA init, data order, noise and timesteps (runs are deterministic)")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "how many most recent checkpoints to keep (0: keep all)")

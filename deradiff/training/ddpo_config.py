@@ -73,8 +73,8 @@ class DDPOSection:
         "loss",
         "where the KL enters: 'loss' (beta*KL_t added per trained step, differentiated through the LoRA mean at "
         "fixed x_t; scaled like the normalised advantages so beta means the same in both) or 'reward' "
-        "(advantages of reward - beta*KL, KL sampled once per round; a noisier score-function estimate: on the "
-        "tiny world it let KL drift to ~800 nats where 'loss' held ~20 at the same beta)",
+        "(advantages of reward - beta*KL, KL sampled once per round; a noisier score-function estimate; "
+        "measured: docs/configs.md)",
     )
     clip_range: float = option(1e-4, "PPO clip range on the per-dimension probability ratio")
     adv_clip_max: float = option(5.0, "clip normalised advantages to [-adv_clip_max, adv_clip_max]")

@@ -8,7 +8,7 @@ from typing import Literal
 from deradiff.config import check_device, check_min, check_seeds, option
 from deradiff.errors import ConfigError
 from deradiff.eval.config import BootstrapSection, OracleSection, SamplingSection
-from deradiff.realign.mixing import check_lambda
+from deradiff.realignment.mixing import check_lambda
 from deradiff.training.config import TrackerSection
 from deradiff.tuning.criterion import Criterion, parse_criterion
 
@@ -98,7 +98,7 @@ class TuneConfig:
                                    "weighted base samples (reward-unit anchors): drawn when the criterion uses "
                                    "kl_to_optimum or oracle_<metric>, or when oracle.enabled is on")
     bootstrap: BootstrapSection = option(factory=BootstrapSection, help="intervals over (prompt, seed)")
-    threads: int = option(0, "torch CPU threads (0: torch's default); 1 is far faster on small shared CPUs")
+    threads: int = option(0, "torch CPU threads (0: torch's default); small shared CPUs: docs/benchmarks.md")
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     group: str | None = option(None, "W&B group; null: the anchor's training group (from its metadata), else the folder name")
     overwrite: bool = option(False, "replace a finished tune in output_dir instead of refusing")

@@ -8,43 +8,49 @@ from dataclasses import dataclass
 from deradiff.config import check_min, check_positive, check_seed, option
 from deradiff.errors import ConfigError
 
+PEAK_LR_HELP = "peak learning rate (one-cycle schedule)"
+
+
+def _check_one_cycle(stage: object, section: str, **minimums: float) -> None:
+    """Each stage runs `steps` one-cycle AdamW steps on batches of `batch_size` at peak `lr`: steps and
+    batch_size >= 1, lr > 0, and the stage's own `minimums`; `section` is its key in PretrainConfig."""
+    check_min(stage, f"{section}.", {"steps": 1, "batch_size": 1, **minimums})
+    check_positive(stage, f"{section}.", ["lr"])
+
 
 @dataclass
 class ClassifierTrainConfig:
     steps: int = option(300, "optimizer steps for the fidelity classifier (fresh renders each step)")
     batch_size: int = option(64, "images per classifier step")
-    lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
+    lr: float = option(3e-3, PEAK_LR_HELP)
 
     def validate(self) -> None:
-        check_min(self, "classifier.", {"steps": 1, "batch_size": 1})
-        check_positive(self, "classifier.", ["lr"])
+        _check_one_cycle(self, "classifier")
 
 
 @dataclass
 class VaeTrainConfig:
     steps: int = option(400, "optimizer steps for the VAE (MSE reconstruction + tiny KL)")
     batch_size: int = option(32, "images per VAE step")
-    lr: float = option(3e-3, "peak learning rate (one-cycle schedule)")
+    lr: float = option(3e-3, PEAK_LR_HELP)
     kl_weight: float = option(1e-6, "weight of the KL term; tiny, as in SD's VAE, so latents stay informative")
 
     def validate(self) -> None:
-        check_min(self, "vae.", {"steps": 1, "batch_size": 1, "kl_weight": 0})
-        check_positive(self, "vae.", ["lr"])
+        _check_one_cycle(self, "vae", kl_weight=0)
 
 
 @dataclass
 class UnetTrainConfig:
     steps: int = option(3000, "optimizer steps for the UNet and text encoder (trained jointly)")
     batch_size: int = option(32, "latents per UNet step")
-    lr: float = option(1.5e-3, "peak learning rate (one-cycle schedule)")
+    lr: float = option(1.5e-3, PEAK_LR_HELP)
     caption_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
     dataset_size: int = option(8192, "rendered training images (encoded once by the frozen VAE)")
-    min_snr_gamma: float = option(5.0, "Min-SNR loss weighting (Hang et al. 2023): converges several times faster; 0 = off")
+    min_snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (Hang et al. 2023; docs/configs.md); 0 = off")
     ema_decay: float = option(0.999, "EMA of UNet + text-encoder weights; the EMA weights are shipped; 0 = off")
 
     def validate(self) -> None:
-        check_min(self, "unet.", {"steps": 1, "batch_size": 1, "dataset_size": 1, "min_snr_gamma": 0})
-        check_positive(self, "unet.", ["lr"])
+        _check_one_cycle(self, "unet", dataset_size=1, min_snr_gamma=0)
         for key in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"config key 'unet.{key}' must be in [0, 1), got {getattr(self, key)}")
@@ -58,7 +64,7 @@ class PretrainConfig:
     classifier: ClassifierTrainConfig = option(factory=ClassifierTrainConfig, help="fidelity classifier training")
     vae: VaeTrainConfig = option(factory=VaeTrainConfig, help="VAE training")
     unet: UnetTrainConfig = option(factory=UnetTrainConfig, help="UNet + text encoder training")
-    threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is often faster when other jobs share the cores")
+    threads: int = option(0, "torch CPU threads (0 = torch's default); shared cores: docs/benchmarks.md")
     quality_images: int = option(56, "eval-prompt images generated for the closing quality check (0 = skip)")
     # Off by default even though the default output_dir is a scratch folder: refreshing the shipped assets
     # (output_dir=deradiff/world/assets) must be asked for, since it replaces files the package ships.
