@@ -80,8 +80,8 @@ def build_pipeline(model: str, folder: Path) -> tuple[Any, str | None]:
     """(pipeline, its folder for the trainer rows or None). `folder`: where a random tiny model is saved."""
     from diffusers import DiffusionPipeline
 
+    from deradiff.models.pipelines import resolve_base_model
     from deradiff.testing import sd15_sized_pipeline, tiny_sd_pipeline
-    from deradiff.training.dpo import resolve_base_model
 
     if model == "sd15":
         return sd15_sized_pipeline(), None

@@ -15,7 +15,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from deradiff.errors import DeradiffError
 
@@ -165,14 +165,42 @@ def folder_digest(folder: str | os.PathLike) -> str:
     return h.hexdigest()[:16] if root.is_dir() else ""
 
 
-def check_results_absent(folder: str | os.PathLike, names: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse, unless `overwrite`, a folder already holding any of the files or folders a stage writes: a
-    finished result is never replaced without being asked."""
-    found = [Path(folder) / name for name in names if (Path(folder) / name).exists() or (Path(folder) / name).is_symlink()]
+def check_results_absent(folder: str | os.PathLike, names: tuple[str, ...] | None, overwrite: bool, *,
+                         ignore: tuple[str, ...] = (), refusal: Callable[[str, list[Path]], str] | None = None
+                         ) -> list[Path]:
+    """The one guard of every output folder: refuse, unless `overwrite`, a folder already holding results, so a
+    finished result is never replaced without being asked. Returns what it found (what an overwrite replaces).
+
+    `names`: the files and folders a stage writes (a link counts, even a dangling one); None: every entry but
+    `ignore` (a stage that owns its whole folder). `refusal(folder, found)`: the error message, for a stage
+    whose remedy is more than overwrite=true (a trainer can also resume).
+    """
+    root = Path(folder)
+    if names is None:
+        found = sorted(p for p in root.iterdir() if p.name not in ignore) if root.is_dir() else []
+    else:
+        found = [root / name for name in names if (root / name).exists() or (root / name).is_symlink()]
     if found and not overwrite:
-        more = f" (and {', '.join(p.name for p in found[1:])})" if len(found) > 1 else ""
-        raise DeradiffError(f"output_dir '{folder}' holds an earlier run's results ('{found[0]}'{more} already exists); "
-                            "pass overwrite=true to replace them, or pick another output_dir")
+        raise DeradiffError((refusal or _earlier_results)(str(folder), found))
+    return found
+
+
+def _earlier_results(folder: str, found: list[Path]) -> str:
+    more = f" (and {', '.join(p.name for p in found[1:])})" if len(found) > 1 else ""
+    return (f"output_dir '{folder}' holds an earlier run's results ('{found[0]}'{more} already exists); "
+            "pass overwrite=true to replace them, or pick another output_dir")
+
+
+def read_prompt_file(path: str | os.PathLike, key: str) -> list[str]:
+    """The prompts of a text file, one a line, by one rule for every prompt file deradiff reads: each line is
+    stripped, and blank lines and comment lines (first non-blank character '#') are skipped, so a prompt list
+    can carry notes. A file without prompts is an error naming `key` and the file: a run on none would fail
+    later or sample nothing."""
+    lines = (line.strip() for line in read_text_file(path, key, "one prompt a line").splitlines())
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise DeradiffError(f"{key} '{path}' holds no prompts")
+    return prompts
 
 
 def read_text_file(path: str | os.PathLike, key: str, expected: str) -> str:

@@ -68,21 +68,18 @@ def _scheduler() -> DDIMScheduler:
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 
 
+def _tiny_unet(**layout) -> UNet2DConditionModel:
+    """The tiny UNet both tiny pipelines share (two levels, 8x8 latents); `layout` adds each one's blocks,
+    attention and conditioning."""
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, norm_num_groups=8, **layout)
+
+
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A random tiny StableDiffusionPipeline (16x16 images, 8x8 latents)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = _tiny_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4)
     tokenizer = char_tokenizer()
     text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
     pipe = StableDiffusionPipeline(
@@ -102,12 +99,7 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A random tiny StableDiffusionXLPipeline (two text encoders, text_time added conditioning)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -117,7 +109,6 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
         cross_attention_dim=64,
-        norm_num_groups=8,
     )
     tokenizer = char_tokenizer()
     tokenizer_2 = char_tokenizer()

@@ -21,7 +21,7 @@ SCHEMAS = {
     "reward_grad": "deradiff.training.reward_grad:RewardGradConfig",
     "reward_grad_weak": "deradiff.training.reward_grad:RewardGradConfig",
     "tune": "deradiff.tuning.config:TuneConfig",
-    "realign": "deradiff.realign.sample:RealignConfig",
+    "realign": "deradiff.realignment.stage:RealignConfig",
     "eval": "deradiff.eval.config:EvalConfig",
     "study": "deradiff.study:StudyConfig",
     "study_dpo": "deradiff.study:StudyConfig",

@@ -6,7 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from deradiff.losses.dpo import diffusion_dpo_loss, per_sample_mse, prediction_target
+from deradiff.eval.metrics import per_sample_mse
+from deradiff.losses.dpo import diffusion_dpo_loss
+from deradiff.training.dpo_step import regression_target
 
 
 def test_loss_matches_hand_computation():
@@ -45,16 +47,17 @@ def test_gradient_flows_only_through_policy():
 
 
 def test_per_sample_mse_and_odd_batch():
-    assert per_sample_mse(torch.ones(2, 3, 4), torch.zeros(2, 3, 4)).tolist() == [1.0, 1.0]
+    assert per_sample_mse(torch.ones(2, 3, 4), torch.zeros(2, 3, 4), torch.float32).tolist() == [1.0, 1.0]
     with pytest.raises(ValueError):
         diffusion_dpo_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), beta=1.0)
 
 
-def test_targets_epsilon_and_v_prediction_match_diffusers():
+def test_dpo_step_targets_epsilon_and_v_prediction_by_hand():
     sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     x0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
-    v = prediction_target("v_prediction", x0, noise, sched.alphas_cumprod[t])
-    torch.testing.assert_close(v, sched.get_velocity(x0, noise, t))
-    assert prediction_target("epsilon", x0, noise, sched.alphas_cumprod[t]) is noise
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = regression_target(sched, "v_prediction", x0, noise, t)
+    torch.testing.assert_close(v, a.sqrt() * noise - (1 - a).sqrt() * x0)  # v = sqrt(a) eps - sqrt(1 - a) x0
+    assert regression_target(sched, "epsilon", x0, noise, t) is noise
     with pytest.raises(ValueError):
-        prediction_target("sample", x0, noise, sched.alphas_cumprod[t])
+        regression_target(sched, "sample", x0, noise, t)

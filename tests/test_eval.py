@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from deradiff.config import load_config
 from deradiff.errors import DeradiffError
-from deradiff.eval.compare import run_eval
+from deradiff.eval.stage import run_eval
 from deradiff.eval.config import EvalConfig
 from deradiff.eval.plan import default_lambdas
 from deradiff.eval.scoring import pixel_features
@@ -163,7 +163,7 @@ def test_two_processes_split_sampling_and_gather_the_same_results(finished, lora
 def test_stacked_branches_give_the_samples_of_the_default(finished, loras, tmp_path, monkeypatch):
     """sampling.branches=stacked runs realigned models in one forward per step (auto ran two calls: 6 rows per
     call without CFG); the saved samples agree up to float rounding."""
-    from deradiff.realign.batched import BranchBatcher
+    from deradiff.realignment.batched import BranchBatcher
 
     out, _, _ = finished
     stacked_calls: list[int] = []

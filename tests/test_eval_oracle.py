@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from deradiff.config import load_config
 from deradiff.errors import DeradiffError
-from deradiff.eval.compare import run_eval
+from deradiff.eval.stage import run_eval
 from deradiff.eval.config import EvalConfig
 from deradiff.testing import save_random_lora, tiny_sd_pipeline
 from deradiff.training.tracking import RecordingTracker

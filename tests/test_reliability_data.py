@@ -7,9 +7,8 @@ refusals are checked with the heavy work replaced by a function that fails the t
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from deradiff.errors import DeradiffError
-from deradiff.training.lock import LOCK_NAME
+from deradiff.training.lock import OutputDirLock
 from test_bad_input import assert_one_line_error
 from test_reliability_helpers import files_under, run_cli, tiny_assets
 
@@ -38,10 +37,11 @@ def never(*args, **kwargs):
     raise AssertionError("the heavy work started although the run should have been refused")
 
 
-def hold_lock(folder: Path) -> None:
-    """Make `folder` look held by another live run (our parent process)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+@pytest.fixture
+def hold_lock():
+    """Hold a folder as another live run would (this process's own lock on it) until the test ends."""
+    with contextlib.ExitStack() as held:
+        yield lambda folder: held.enter_context(OutputDirLock(folder))
 
 
 # ---- 1. deradiff data prefs --------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_prefs_never_replaces_existing_pairs_unless_overwrite(base, tmp_path, ca
 
 
 @pytest.mark.parametrize("case", ["file", "locked"])
-def test_prefs_checks_its_output_dir_before_sampling(base, tmp_path, capsys, monkeypatch, case):
+def test_prefs_checks_its_output_dir_before_sampling(base, tmp_path, capsys, monkeypatch, hold_lock, case):
     """Was: an output_dir that is a file failed after 14 s of sampling; two runs could write one folder."""
     import deradiff.data.prefs
 
@@ -96,7 +96,7 @@ def pretrain_args(out: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["file", "below_a_file", "results", "locked"])
-def test_pretrain_refuses_before_any_training(tmp_path, capsys, monkeypatch, case):
+def test_pretrain_refuses_before_any_training(tmp_path, capsys, monkeypatch, hold_lock, case):
     """Was: a rerun replaced every file of the earlier world, and two runs into one folder both went ahead."""
     import deradiff.world.pretrain
 
@@ -228,6 +228,18 @@ def test_load_prompt_source_names_the_key_it_is_given(tmp_path):
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes("\ufeffa red circle\n".encode())  # as Windows editors save: the mark is no prompt text
     assert load_prompt_source(str(with_bom), "reward_grad.prompts") == ["a red circle"]
+
+
+def test_every_prompt_file_follows_one_comment_rule(tmp_path):
+    """Trainer prompt files and realign's prompts_file share one reader: a line whose first non-blank character
+    is '#' is a note (was: a prompt for the trainers, and for realign when indented); a '#' later is text."""
+    from deradiff.fileio import read_prompt_file
+    from deradiff.training.ddpo import load_prompt_source
+
+    path = tmp_path / "p.txt"
+    path.write_text("# colours\n a red circle \n\n   # an indented note\na #1 blue square\n")
+    assert read_prompt_file(path, "prompts_file") == ["a red circle", "a #1 blue square"]
+    assert load_prompt_source(str(path), "ddpo.prompts") == ["a red circle", "a #1 blue square"]
 
 
 def test_a_binary_prompts_file_for_realign_is_one_clear_error(tmp_path, capsys):

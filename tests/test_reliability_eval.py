@@ -11,8 +11,8 @@ import torch
 
 from deradiff.config import load_config
 from deradiff.errors import DeradiffError
-from deradiff.eval import compare
-from deradiff.eval.compare import run_eval
+from deradiff.eval import stage
+from deradiff.eval.stage import run_eval
 from deradiff.eval.config import EvalConfig
 from deradiff.testing import save_random_lora, tiny_sd_pipeline
 
@@ -79,7 +79,7 @@ def test_results_are_on_disk_before_any_figure(loras, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(compare.report, "plot_metric", broken)
+    monkeypatch.setattr(stage.report, "plot_metric", broken)
     with pytest.raises(RuntimeError, match="no display"):
         run_eval(_config(out, loras), rewards={"brightness": brightness})
     saved = json.loads((out / "results.json").read_text())
@@ -104,15 +104,10 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_sampling(loras,
 
 
 def test_an_eval_refused_by_the_lock_samples_and_logs_nothing(loras, tmp_path):
-    import os
-    import socket
-
-    from deradiff.training.lock import LOCK_NAME
+    from deradiff.training.lock import OutputDirLock
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
-    with pytest.raises(DeradiffError, match="in use by another run"):
+    with OutputDirLock(out), pytest.raises(DeradiffError, match="in use by another run"):
         run_eval(_config(out, loras, "tracker.backend=wandb", "tracker.mode=offline"), loader=never_loads,
                  rewards={"brightness": brightness})
     assert not (out / "wandb").exists()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from deradiff.cli.common import add_config_arguments, config_from_args
 from deradiff.config import option
-from deradiff.training.dpo import PrefsSection  # light module: dataclasses only at import
+from deradiff.data.config import PrefsSection  # light module: dataclasses only at import
 from deradiff.training.lock import OutputDirLock
 
 
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _prefs(args: argparse.Namespace) -> int:
     from deradiff.data.prefs import generate_preferences
     from deradiff.fileio import check_output_dir, check_results_absent, remove_outputs
-    from deradiff.training.dpo import resolve_base_model
+    from deradiff.models.pipelines import resolve_base_model
 
     cfg = config_from_args(PrefsConfig, args)
     # Every refusal comes before the model loads: sampling the pairs takes minutes.

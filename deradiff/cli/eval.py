@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from deradiff.eval.compare import run_eval
+    from deradiff.eval.stage import run_eval
     from deradiff.eval.config import EvalConfig
 
     result = run_eval(config_from_args(EvalConfig, args))

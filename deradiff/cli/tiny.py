@@ -58,7 +58,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from deradiff.world import TINY_MODEL_DIR, load_prompts
     from deradiff.world.classifier import load_classifier
-    from deradiff.world.model import load_pipeline
+    from deradiff.world.model import load_tiny_pipeline
     from deradiff.world.quality import measure_quality
 
     cfg = config_from_args(QualityConfig, args)
@@ -67,7 +67,7 @@ def _quality(args: argparse.Namespace) -> int:
         raise DeradiffError(f"model_dir '{model_dir}' is not a diffusers pipeline (no model_index.json)")
     prompts = load_prompts(cfg.split)
     chosen = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
-    result = measure_quality(load_pipeline(model_dir), chosen, [cfg.seed + i for i in range(cfg.num_images)],
+    result = measure_quality(load_tiny_pipeline(model_dir), chosen, [cfg.seed + i for i in range(cfg.num_images)],
                              classifier=load_classifier(cfg.classifier_dir or None),
                              num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                              batch_size=cfg.batch_size)

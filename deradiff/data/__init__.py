@@ -1,2 +1,3 @@
 """Preference data: Pick-a-Pic-schema loading and cleaning (`pickapic`), tiny-world preference
-generation (`prefs`), and the VAE-latent / text-embedding cache trainers read from (`cache`)."""
+generation (`prefs`) and its config section (`config`), and the VAE-latent / text-embedding cache trainers
+read from (`cache`)."""

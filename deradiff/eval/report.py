@@ -105,7 +105,10 @@ def to_pil(image: torch.Tensor, scale: int) -> Image.Image:
 
 def image_grid(samples: dict[str, VariantSamples], names: Sequence[str], indices: Sequence[int], path: Path,
                column_labels: Sequence[str] = ()) -> None:
-    """Rows: models (labelled), columns: the given sample indices (seeds of one prompt, labelled)."""
+    """Rows: models (labelled), columns: the given sample indices (seeds of one prompt, labelled). The images are
+    diffusers' `make_image_grid`, pasted after the labels so that a long label never covers an image."""
+    from diffusers.utils import make_image_grid
+
     first = samples[names[0]].images[indices[0]]
     scale = max(1, 96 // first.shape[-1])
     cell_h, cell_w, label_w, top = first.shape[-2] * scale, first.shape[-1] * scale, 150, 16
@@ -115,8 +118,8 @@ def image_grid(samples: dict[str, VariantSamples], names: Sequence[str], indices
         draw.text((label_w + c * cell_w + 4, 2), label, fill="black")
     for r, name in enumerate(names):
         draw.text((4, top + r * cell_h + cell_h // 2 - 6), name, fill="black")
-        for c, i in enumerate(indices):
-            grid.paste(to_pil(samples[name].images[i], scale), (label_w + c * cell_w, top + r * cell_h))
+    cells = [to_pil(samples[name].images[i], scale) for name in names for i in indices]
+    grid.paste(make_image_grid(cells, rows=len(names), cols=len(indices)), (label_w, top))
     with atomic_path(path) as tmp:
         grid.save(tmp)
 

@@ -65,7 +65,7 @@ def cache_root(section: OracleSection) -> Path:
 
 def base_fingerprint(base_model: str) -> list[Any]:
     """Names, sizes and mtimes of a local base model's files (a retrained base gets new samples); the id otherwise."""
-    from deradiff.training.dpo import resolve_base_model
+    from deradiff.models.pipelines import resolve_base_model
 
     root = Path(resolve_base_model(base_model))
     if not root.is_dir():

@@ -23,27 +23,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from deradiff.eval.metrics import per_sample_mse
+
 LossType = Literal["sigmoid", "hinge"]
-
-
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every non-batch dim, in fp32: FloatTensor[B]."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-
-
-def prediction_target(
-    prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon) or v = sqrt(a)*noise - sqrt(1-a)*x0 (v-prediction).
-
-    `alphas_cumprod_t`: FloatTensor[B], the scheduler's cumulative alpha at each sample's timestep.
-    """
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        a = alphas_cumprod_t.float().view(-1, *([1] * (latents.dim() - 1)))
-        return (a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()).to(noise.dtype)
-    raise ValueError(f"unsupported prediction type {prediction_type!r} (expected epsilon or v_prediction)")
 
 
 @dataclass
@@ -79,8 +61,8 @@ def diffusion_dpo_loss(
     """
     if model_pred.shape[0] % 2:
         raise ValueError(f"batch of {model_pred.shape[0]} rows cannot be split into winner/loser halves")
-    mse = per_sample_mse(model_pred, target)
-    ref_mse = per_sample_mse(ref_pred, target).detach()
+    mse = per_sample_mse(model_pred, target, torch.float32)  # fp32: the training step's precision, with gradients
+    ref_mse = per_sample_mse(ref_pred, target, torch.float32).detach()
     mse_w, mse_l = mse.chunk(2)
     ref_w, ref_l = ref_mse.chunk(2)
     model_diff = mse_w - mse_l

@@ -1,5 +1,6 @@
 """Models: loading base pipelines and LoRAs (`deradiff.models.pipelines`), LoRA attach/save for training
-(`deradiff.models.lora`). Submodules are imported on use so `import deradiff.models` stays light."""
+(`deradiff.models.lora`), a base pipeline set up for training (`deradiff.models.training`). Submodules are
+imported on use so `import deradiff.models` stays light."""
 
 from typing import Any
 

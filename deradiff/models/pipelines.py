@@ -17,7 +17,7 @@ from deradiff.errors import DeradiffError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_METADATA = "deradiff_metadata.json"  # written by deradiff.models.lora.save_lora
-LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # read by deradiff.realign.api for the default beta
+LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # read by deradiff.realignment.api for the default beta
 # Key prefixes of text-encoder LoRA layers: diffusers' format, then kohya's (lora_te_, lora_te1_, lora_te2_).
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,6 +40,17 @@ def load_pipeline(base: str | Path, *, torch_dtype: Any = None, device: Any = No
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def resolve_base_model(pretrained: str) -> str:
+    """'tiny' → the embedded tiny world model folder; anything else as given."""
+    if pretrained != "tiny":
+        return pretrained
+    from deradiff.world import TINY_MODEL_DIR
+
+    if not (Path(TINY_MODEL_DIR) / "model_index.json").is_file():
+        raise DeradiffError(f"the embedded tiny model is not built at {TINY_MODEL_DIR}; run `deradiff tiny pretrain` first")
+    return str(TINY_MODEL_DIR)
 
 
 def _pipeline_source(base: str) -> str:

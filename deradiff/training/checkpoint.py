@@ -18,7 +18,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 
 from deradiff.errors import DeradiffError
-from deradiff.fileio import read_json, remove_dir, replace_dir
+from deradiff.fileio import check_results_absent, read_json, remove_dir, replace_dir
 
 CHECKPOINTS = "checkpoints"
 FINAL_LORA = "lora"  # the trained adapter, output_dir/lora
@@ -205,18 +205,16 @@ def check_fresh_start(output_dir: str | os.PathLike, overwrite: bool, remove: bo
     """A run that does not resume must not silently mix with another run's checkpoints and LoRA in the same
     folder (a later `resume_from=latest` would pick the old run's steps). Refuse, or clear them on request.
     Every process checks (so all of them stop together); only the one with `remove` deletes."""
-    root = Path(output_dir)
-    previous = [p for p in (root / CHECKPOINTS, root / FINAL_LORA) if p.exists()]
-    if not previous:
-        return
-    if not overwrite:
-        names = ", ".join(f"{p.name}/" for p in previous)
-        raise DeradiffError(
-            f"output_dir '{root}' already holds a training run ({names}); pass train.resume_from=latest to "
-            "continue it, train.overwrite=true to start over, or another output_dir"
-        )
+    previous = check_results_absent(Path(output_dir), (CHECKPOINTS, FINAL_LORA), overwrite, refusal=_training_run)
     for path in previous if remove else []:
         remove_dir(path)
+
+
+def _training_run(folder: str, found: list[Path]) -> str:
+    """The refusal of a fresh start: a trainer's earlier results can also be continued."""
+    names = ", ".join(f"{p.name}/" for p in found)
+    return (f"output_dir '{folder}' already holds a training run ({names}); pass train.resume_from=latest to "
+            "continue it, train.overwrite=true to start over, or another output_dir")
 
 
 def _refuse_pickled_weights(path: Path) -> None:

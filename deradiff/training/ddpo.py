@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deradiff.errors import DeradiffError
-from deradiff.fileio import read_text_file
+from deradiff.fileio import read_prompt_file
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
 
@@ -32,10 +32,10 @@ def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from deradiff.losses.ddpo import PerPromptStatTracker
+    from deradiff.models.pipelines import resolve_base_model
+    from deradiff.models.training import load_models
     from deradiff.rewards import get_reward
     from deradiff.training.ddpo_round import DDPOEngine
-    from deradiff.training.dpo import resolve_base_model
-    from deradiff.training.dpo_step import load_models
     from deradiff.training.trainer import Trainer
 
     # The accelerator accumulates micro-batches x trained DDIM steps per optimizer step.
@@ -103,8 +103,9 @@ def _metadata(cfg: DDPOConfig, base: str, engine: Any) -> dict[str, Any]:
 
 
 def load_prompt_source(source: str | list[str], key: str = "ddpo.prompts") -> list[str]:
-    """Prompts from a list, 'world:<split>' (tiny world) or a text file with one prompt per line; `key` is the
-    config key the source came from, named in every error (reward_grad shares this loader)."""
+    """Prompts from a list, 'world:<split>' (tiny world) or a prompt file (`read_prompt_file`: one prompt a line,
+    '#' comments); `key` is the config key the source came from, named in every error (reward_grad shares this
+    loader)."""
     if isinstance(source, list):
         prompts = [p for p in source if p.strip()]
     elif source.startswith("world:"):
@@ -112,10 +113,9 @@ def load_prompt_source(source: str | list[str], key: str = "ddpo.prompts") -> li
 
         prompts = load_prompts(source.split(":", 1)[1])
     else:
-        path = Path(source)
-        if not path.is_file():
+        if not Path(source).is_file():
             raise DeradiffError(f"{key} '{source}' is neither 'world:train'/'world:eval' nor an existing text file")
-        prompts = [line.strip() for line in read_text_file(path, key, "one prompt a line").splitlines() if line.strip()]
+        prompts = read_prompt_file(source, key)
     if not prompts:
         raise DeradiffError(f"{key} '{source}' holds no prompts")
     return prompts

@@ -10,36 +10,13 @@ is the shared `deradiff.training.trainer.Trainer`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from deradiff.config import check_min, check_positive, check_seed, option
-from deradiff.errors import ConfigError, DeradiffError
+from deradiff.config import option
+from deradiff.data.config import PrefsSection
+from deradiff.errors import ConfigError
 from deradiff.training.config import TrainerConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
-
-
-@dataclass
-class PrefsSection:
-    """How `data.source: tiny` preference pairs are generated when the file is missing (see `deradiff data prefs`)."""
-
-    reward: str = option("vividness", "reward (deradiff.rewards registry) that labels the pairs")
-    reward_options: dict[str, Any] = option({}, "keyword arguments for the reward, e.g. {model_path: /models/PickScore_v1}")
-    temperature: float = option(0.05, "Bradley-Terry temperature: P(a preferred) = sigmoid((r_a - r_b) / T)")
-    pairs_per_prompt: int = option(4, "image pairs sampled per train prompt")
-    num_inference_steps: int = option(20, "sampling steps for the pair images")
-    guidance_scale: float = option(3.0, "classifier-free guidance for the pair images")
-    seed: int = option(0, "seed for sampling and labelling")
-
-    def check(self, prefix: str) -> None:
-        """Fails at config load, not after the model has sampled every pair; `prefix` is where this section sits
-        in the user's config (the section does not know its own path), e.g. 'data.generate.'."""
-        from deradiff.rewards import check_reward_name
-
-        check_reward_name(self.reward, f"{prefix}reward")
-        check_seed(self.seed, f"{prefix}seed")
-        check_min(self, prefix, {"pairs_per_prompt": 1, "num_inference_steps": 1, "guidance_scale": 0})
-        check_positive(self, prefix, ["temperature"])
 
 
 @dataclass
@@ -79,23 +56,14 @@ class DPOConfig(TrainerConfig):
     dpo: DPOSection = option(factory=DPOSection, help="DPO objective")
 
 
-def resolve_base_model(pretrained: str) -> str:
-    """'tiny' → the embedded tiny world model folder; anything else as given."""
-    if pretrained != "tiny":
-        return pretrained
-    from deradiff.world import TINY_MODEL_DIR
-
-    if not (Path(TINY_MODEL_DIR) / "model_index.json").is_file():
-        raise DeradiffError(f"the embedded tiny model is not built at {TINY_MODEL_DIR}; run `deradiff tiny pretrain` first")
-    return str(TINY_MODEL_DIR)
-
-
 def run_dpo(cfg: DPOConfig, tracker: Any = None) -> dict[str, Any]:
     """Train one Diffusion-DPO LoRA; returns the run summary (also written to output_dir/summary.json)."""
     import torch
     from accelerate.utils import set_seed
 
-    from deradiff.training.dpo_step import DPOStep, load_models, prepare_pairs
+    from deradiff.models.pipelines import resolve_base_model
+    from deradiff.models.training import load_models
+    from deradiff.training.dpo_step import DPOStep, prepare_pairs
     from deradiff.training.trainer import Trainer
 
     trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,

@@ -1,4 +1,5 @@
-"""The pieces of the Diffusion-DPO trainer: model loading, preference data, and the per-micro-batch loss."""
+"""The pieces of the Diffusion-DPO trainer: preference data and the per-micro-batch loss (model loading:
+`deradiff.models.training`)."""
 
 from __future__ import annotations
 
@@ -7,39 +8,15 @@ from typing import Any
 
 import torch
 
-from deradiff.data.cache import CachedPairs, Encoder, LivePairs, build_cache, cache_key, is_sdxl
+from deradiff.data.cache import CachedPairs, Encoder, LivePairs, build_cache, cache_key
+from deradiff.models.family import is_sdxl
 from deradiff.data.pickapic import CleaningStats, data_fingerprint, load_preference_pairs
 from deradiff.errors import DeradiffError
-from deradiff.losses.dpo import diffusion_dpo_loss, prediction_target
-from deradiff.models.lora import adapter_disabled, attach_lora
+from deradiff.losses.dpo import diffusion_dpo_loss
+from deradiff.models.lora import adapter_disabled
+from deradiff.models.training import training_resolution
 from deradiff.training.determinism import rank_micro_batch, step_generator
 from deradiff.training.trainer import Trainer
-
-
-def load_models(cfg: Any, base: str, trainer: Trainer) -> tuple[Any, list[torch.nn.Parameter]]:
-    """Base pipeline on the device: frozen parts in the mixed-precision dtype, LoRA params in fp32."""
-    from deradiff.models.pipelines import load_pipeline
-
-    kwargs = {k: v for k, v in (("revision", cfg.model.revision), ("variant", cfg.model.variant)) if v}
-    pipe = load_pipeline(base, **kwargs)
-    if cfg.model.vae:
-        from diffusers import AutoencoderKL
-
-        pipe.vae = AutoencoderKL.from_pretrained(cfg.model.vae, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    dtype = trainer.weight_dtype
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False).to(trainer.device, dtype).eval()
-    pipe.unet.to(trainer.device, dtype)
-    params = attach_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
-    return pipe, params
-
-
-def training_resolution(cfg: Any, pipe: Any) -> int:
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return cfg.model.resolution or int(pipe.unet.config.sample_size) * vae_scale
 
 
 def prepare_pairs(cfg: Any, pipe: Any, base: str, trainer: Trainer) -> tuple[Any, CleaningStats, str]:
@@ -76,7 +53,6 @@ class DPOStep:
 
         self.cfg, self.unet, self.pairs, self.trainer = cfg, unet, pairs, trainer
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(trainer.device)
         ptype = cfg.model.prediction_type
         self.prediction_type = self.scheduler.config.prediction_type if ptype == "auto" else ptype
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -110,7 +86,7 @@ class DPOStep:
         noise = torch.randn(batch["latents_w"].shape, generator=g).repeat(2, 1, 1, 1).to(tr.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g).repeat(2).to(tr.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        target = prediction_target(self.prediction_type, latents, noise, self.alphas_cumprod[t])
+        target = regression_target(self.scheduler, self.prediction_type, latents, noise, t)
         inputs: dict[str, Any] = {
             "sample": noisy.to(dtype),
             "timestep": t,
@@ -122,3 +98,14 @@ class DPOStep:
                 "time_ids": torch.cat([batch["time_ids_w"], batch["time_ids_l"]]).to(dtype),
             }
         return inputs, target
+
+
+def regression_target(scheduler: Any, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the scheduler's own velocity (v-prediction), so the
+    target follows the noise schedule the model was trained with."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r} (expected epsilon or v_prediction)")

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from deradiff.models.pipelines import load_pipeline
 from deradiff.world.render import IMAGE_SIZE
 
 TEXT_DIM = 32
@@ -74,8 +75,9 @@ def save_pipeline(pipe: StableDiffusionPipeline, directory: str | Path, tokenize
         (directory / "tokenizer" / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
 
 
-def load_pipeline(directory: str | Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
-    """Load a saved tiny pipeline offline, progress bar off (callers loop over many small batches)."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(directory), local_files_only=True)
+def load_tiny_pipeline(directory: str | Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+    """A saved tiny pipeline (`deradiff.models.pipelines.load_pipeline`), read offline with the progress bar off:
+    its callers measure quality over many small batches, and a tiny model is never fetched from the hub."""
+    pipe = load_pipeline(directory, device=device, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe

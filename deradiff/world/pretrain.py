@@ -2,7 +2,7 @@
 
 Run by `deradiff tiny pretrain`. Deterministic from `seed` (single process, fixed torch/numpy generators).
 The VAE is trained first and frozen, the dataset is encoded once, and the UNet and text encoder are trained
-jointly on cached latents, which is what keeps the full run within a few CPU minutes.
+jointly on cached latents, which is what keeps the full run short on a CPU (timings: docs/configs.md).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def train_vae(images: torch.Tensor, cfg: VaeTrainConfig, gen: torch.Generator):
     for _ in bar:
         x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)] * 2 - 1
         post = vae.encode(x).latent_dist
-        # Decode the posterior mean: with a short budget, sampling noise from the still-wide posterior makes
-        # the decoder average colours (red came back orange); the tiny KL term still regularises the latents.
+        # Decode the posterior mean, not a posterior sample (why: docs/configs.md); the tiny KL term still
+        # regularises the latents.
         recon = vae.decode(post.mode()).sample
         mse = F.mse_loss(recon, x)
         loss = mse + cfg.kl_weight * post.kl().mean()
@@ -205,9 +205,9 @@ def _train_into(cfg: PretrainConfig, out: Path) -> dict:
 def _closing_quality(out: Path, n: int) -> dict:
     """Reload the saved pipeline (proves it round-trips) and judge eval-prompt samples."""
     from deradiff.world.classifier import load_classifier
-    from deradiff.world.model import load_pipeline
+    from deradiff.world.model import load_tiny_pipeline
     from deradiff.world.quality import measure_quality
 
     prompts = load_prompts("eval")
     chosen = [prompts[i % len(prompts)] for i in range(n)]
-    return measure_quality(load_pipeline(out / "tiny-sd"), chosen, list(range(n)), classifier=load_classifier(out))
+    return measure_quality(load_tiny_pipeline(out / "tiny-sd"), chosen, list(range(n)), classifier=load_classifier(out))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from deradiff.errors import DeradiffError
+from deradiff.fileio import read_prompt_file
 from deradiff.world.paths import PROMPTS_DIR
 from deradiff.world.spec import split_prompts
 
@@ -16,8 +17,7 @@ def load_prompts(split: Literal["train", "eval"]) -> list[str]:
     """Prompts of a split; eval prompts are held out of training (unseen size/colour/shape combinations)."""
     if split not in SPLITS:
         raise DeradiffError(f"unknown prompt split {split!r}; known: {', '.join(SPLITS)}")
-    lines = (PROMPTS_DIR / f"{split}.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip()]
+    return read_prompt_file(PROMPTS_DIR / f"{split}.txt", f"world:{split}")
 
 
 def write_prompt_files(directory: Path = PROMPTS_DIR) -> None:
