@@ -6,9 +6,9 @@
 
 Variants, all in one run and interleaved per repeat (the machine is shared: compare ratios, not seconds):
   plain      the aligned model (UNet + LoRA, adapter on) alone: the cost realignment is compared against
-  stacked    deradiff realigned, both branches in ONE forward per step (batch_branches=True)
-  two-call   deradiff realigned, two sequential forwards per step (batch_branches=False)
-             (the default, batch_branches=None, is `stacked` for calls of <= 2 rows and `two-call` beyond)
+  stacked    deradiff realigned, both branches in ONE forward per step (branches="stacked")
+  two-call   deradiff realigned, two sequential forwards per step (branches="two-call")
+             (the default, branches="auto", is `stacked` for calls of <= 2 rows and `two-call` beyond)
   official   the official-code style: two full UNet copies (deepcopy; the LoRA fused into the aligned copy),
              called one after the other, one image at a time (batch 1)
 Every variant runs the same loop: DDIM (eta=1) with classifier-free guidance (scale 7.5) on random prompt
@@ -107,11 +107,11 @@ def sd15_setup(device: torch.device, dtype: torch.dtype) -> Setup:
 # --- variants ------------------------------------------------------------------------------------------
 def variants(setup: Setup) -> dict[str, tuple[Predict, list[nn.Module]]]:
     """name -> (predict(x, t, text) for a CFG-stacked batch, the modules whose weights it keeps in memory)."""
-    from deradiff.realign.denoiser import RealignedDenoiser
+    from deradiff.realignment.denoiser import RealignedDenoiser
 
     unet = setup.unet
-    stacked = RealignedDenoiser(unet, LAM, batch_branches=True)
-    two_call = RealignedDenoiser(unet, LAM, batch_branches=False)
+    stacked = RealignedDenoiser(unet, LAM, branches="stacked")
+    two_call = RealignedDenoiser(unet, LAM, branches="two-call")
     ref_copy, aligned_copy = official_copies(unet)
     return {
         "plain": (lambda x, t, e: unet(x, t, encoder_hidden_states=e).sample, [unet]),

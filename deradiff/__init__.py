@@ -14,7 +14,7 @@ __all__ = ["realign", "tune", "unrealign", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy so `import deradiff` (and the CLI's --help) stays fast and free of diffusers imports.
     if name in ("realign", "unrealign"):
-        from deradiff.realign import api
+        from deradiff.realignment import api
 
         return getattr(api, name)
     if name == "tune":

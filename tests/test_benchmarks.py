@@ -33,3 +33,10 @@ def test_dpo_throughput_reports_the_ladder_and_the_trainer(capsys):
                           "deradiff trainer", "deradiff trainer, no cache"]
     assert all(math.isfinite(rate) and rate > 0 for rate, _ in rows.values())
     assert "one-off cache build" in capsys.readouterr().out
+
+
+def test_eval_cost_times_every_variant(capsys):
+    medians = _load("eval_cost").main(["--steps", "1", "--seeds", "1", "--repeats", "1", "--batch", "3"])
+    assert set(medians) == {"retrained", "realigned", "realigned+base call"}
+    assert all(math.isfinite(m) and m > 0 for m in medians.values())
+    assert "ratio to retrained" in capsys.readouterr().out

@@ -15,7 +15,10 @@ import torch
 from deradiff.config import load_config
 from deradiff.models.lora import adapter_disabled
 from deradiff.rewards import get_reward
-from deradiff.sampling.ddim import ddpo_scheduler, decode_latents, sample_with_logprob
+from deradiff.sampling.conditions import encode
+from deradiff.sampling.ddim import ddim_scheduler
+from deradiff.sampling.latents import decode
+from deradiff.sampling.rollout import sample_with_logprob
 from deradiff.training.ddpo import run_ddpo
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.tracking import RecordingTracker
@@ -63,15 +66,15 @@ def _measure(lora_dir: Path, n: int = 64, seed: int = 123) -> tuple[torch.Tensor
     load_lora(pipe, lora_dir)
     prompts = load_prompts("train")
     prompts = [prompts[(7 * i) % len(prompts)] for i in range(n)]
-    cond, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
     size = pipe.unet.config.sample_size
+    cond = encode(pipe, prompts, 1.0, (size * pipe.vae_scale_factor,) * 2, "cpu")
     kw = dict(num_steps=STEPS, eta=1.0, guidance_scale=1.0, latent_shape=(4, size, size))
-    scheduler, reward = ddpo_scheduler(pipe.scheduler.config), get_reward("vividness")
-    lora = sample_with_logprob(pipe.unet, scheduler, cond, None, generator=torch.Generator().manual_seed(seed),
+    scheduler, reward = ddim_scheduler(pipe.scheduler.config, STEPS), get_reward("vividness")
+    lora = sample_with_logprob(pipe.unet, scheduler, cond, generator=torch.Generator().manual_seed(seed),
                                reference=lambda: adapter_disabled(pipe.unet), **kw)
     with adapter_disabled(pipe.unet):
-        base = sample_with_logprob(pipe.unet, scheduler, cond, None, generator=torch.Generator().manual_seed(seed), **kw)
-    r_base, r_lora = (reward(decode_latents(pipe.vae, t.final), prompts) for t in (base, lora))
+        base = sample_with_logprob(pipe.unet, scheduler, cond, generator=torch.Generator().manual_seed(seed), **kw)
+    r_base, r_lora = (reward(decode(pipe.vae, t.final), prompts) for t in (base, lora))
     return r_base, r_lora, float(lora.kl.sum(dim=1).mean())
 
 

@@ -27,10 +27,10 @@ def test_stacked_realign_matches_two_calls_on_cuda(lora_sd_pipe, dtype):
     pipe = lora_sd_pipe.to("cuda", dtype)
     outputs = {}
     for batch in (True, False):
-        handle = deradiff.realign(pipe, lam=0.5, batch_branches=batch)
+        handle = deradiff.realign(pipe, lam=0.5, branches="stacked" if batch else "two-call")
         out = pipe("a red circle", generator=torch.Generator("cuda").manual_seed(0), num_inference_steps=4,
                    eta=1.0, output_type="latent").images
-        assert handle.denoiser.last_path == ("batched" if batch else "two-call")
+        assert handle.denoiser.branches.last_path == ("batched" if batch else "two-call")
         handle.undo()
         outputs[batch] = out.float()
     scale = float(outputs[False].abs().max())

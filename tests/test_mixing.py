@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deradiff.errors import DeradiffError
-from deradiff.realign.mixing import LambdaSchedule, check_lambda, describe_strength, effective_beta, mix_predictions
+from deradiff.realignment.mixing import LambdaSchedule, check_lambda, describe_strength, effective_beta, mix_predictions
 
 
 def test_mix_hand_computed():

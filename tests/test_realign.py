@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSchedu
 
 import deradiff
 from deradiff.errors import DeradiffError
-from deradiff.realign.schedulers import ApproximateSamplerWarning
+from deradiff.realignment.schedulers import ApproximateSamplerWarning
 
 
 PROMPT = "a red circle"
@@ -112,6 +112,27 @@ def test_list_and_callable_schedules_reset_every_call(lora_sd_pipe):
     assert seen == [(i, t) for i, t in enumerate(timesteps)] * 2
     handle.lam = [0.0, 0.5, 1.0]
     assert torch.equal(sample(pipe), by_callable)
+
+
+def test_steps_are_counted_from_the_timesteps_the_pipeline_passes(lora_sd_pipe):
+    """A run interrupted mid-way does not shift the next run's schedule; no scheduler method is patched for it."""
+    pipe = lora_sd_pipe
+    handle = deradiff.realign(pipe, lam=[0.0, 0.5, 1.0])
+    expected = sample(pipe)
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+
+    def stop_after_first_step(pipe, step, t, kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(pipe, callback_on_step_end=stop_after_first_step)
+    assert torch.equal(sample(pipe), expected)
+    handle.undo()
+
+
+def test_branches_mode_is_checked(lora_sd_pipe):
+    with pytest.raises(DeradiffError, match="branches must be one of auto, stacked, two-call, got 'fast'"):
+        deradiff.realign(lora_sd_pipe, lam=0.5, branches="fast")
 
 
 def test_schedule_after_scheduler_swap(lora_sd_pipe):

@@ -18,8 +18,10 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
 import deradiff
-from deradiff.realign.denoiser import RealignedDenoiser, lora_layers
-from deradiff.realign.schedulers import ApproximateSamplerWarning
+from deradiff.models.lora import lora_layers
+from deradiff.realignment.branches import Branches
+from deradiff.realignment.denoiser import RealignedDenoiser
+from deradiff.realignment.schedulers import ApproximateSamplerWarning
 
 STEPS = 3
 
@@ -32,7 +34,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def run(pipe, batch: bool, images: int = 1, prompt: str = "a red circle", **kwargs) -> tuple[torch.Tensor, list[int]]:
     """Realigned sample at lam 0.5; also returns the batch size of every UNet forward."""
-    handle = deradiff.realign(pipe, lam=kwargs.pop("lam", 0.5), batch_branches=batch)
+    handle = deradiff.realign(pipe, lam=kwargs.pop("lam", 0.5), branches="stacked" if batch else "two-call")
     rows: list[int] = []
     hook = handle.original.register_forward_pre_hook(lambda m, a, kw: rows.append((a[0] if a else kw["sample"]).shape[0]),
                                                      with_kwargs=True)
@@ -44,7 +46,7 @@ def run(pipe, batch: bool, images: int = 1, prompt: str = "a red circle", **kwar
                        output_type="latent", **kwargs).images
     finally:
         hook.remove()
-    assert handle.denoiser.last_path == ("batched" if batch else "two-call")
+    assert handle.denoiser.branches.last_path == ("batched" if batch else "two-call")
     handle.undo()
     return out, rows
 
@@ -63,7 +65,7 @@ def test_sd_batched_equals_two_calls_with_cfg(lora_sd_pipe, scheduler, eta, imag
 
 @pytest.mark.parametrize("images, path, rows", [(1, "batched", [4]), (2, "two-call", [4, 4])])
 def test_default_stacks_one_image_and_runs_two_calls_for_more(lora_sd_pipe, images, path, rows):
-    """batch_branches=None: one image with CFG (2 rows) is stacked; larger calls run two (memory budget)."""
+    """branches="auto": one image with CFG (2 rows) is stacked; larger calls run two (memory budget)."""
     handle = deradiff.realign(lora_sd_pipe, lam=0.5)
     seen: list[int] = []
     hook = handle.original.register_forward_pre_hook(
@@ -74,7 +76,7 @@ def test_default_stacks_one_image_and_runs_two_calls_for_more(lora_sd_pipe, imag
                                generator=[torch.Generator().manual_seed(i) for i in range(images)],
                                output_type="latent").images
     hook.remove()
-    assert handle.denoiser.last_path == path and seen == rows * STEPS
+    assert handle.denoiser.branches.last_path == path and seen == rows * STEPS
     handle.undo()
     forced, _ = run(lora_sd_pipe, path == "batched", images)
     close(default, forced)
@@ -90,10 +92,10 @@ def test_sdxl_batched_equals_two_calls_with_cfg(lora_sdxl_pipe):
 
 def test_branch_outputs_match_adapter_off_and_on(lora_sd_pipe):
     unet = lora_sd_pipe.unet
-    denoiser = RealignedDenoiser(unet, 0.5, batch_branches=True)
+    denoiser = Branches(unet, mode="stacked")
     x, emb, t = torch.randn(4, 4, 8, 8), torch.randn(4, 16, 32), torch.tensor(500)
     with torch.no_grad():
-        ref, aligned = denoiser.predict_both(x, t, encoder_hidden_states=emb)
+        ref, aligned = denoiser.both(x, t, encoder_hidden_states=emb)
         unet.disable_adapters()
         off = unet(x, t, encoder_hidden_states=emb).sample
         unet.enable_adapters()
@@ -117,10 +119,10 @@ def test_adapter_weight_and_requires_grad_are_respected(lora_sd_pipe):
 
 def test_endpoints_stay_one_plain_forward(lora_sd_pipe):
     for lam, adapters in ((0.0, False), (1.0, True)):
-        handle = deradiff.realign(lora_sd_pipe, lam=lam, batch_branches=True)
+        handle = deradiff.realign(lora_sd_pipe, lam=lam, branches="stacked")
         got = lora_sd_pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
                            output_type="latent").images
-        assert handle.denoiser.last_path == "single"
+        assert handle.denoiser.branches.last_path == "single"
         handle.undo()
         lora_sd_pipe.unet.enable_adapters() if adapters else lora_sd_pipe.unet.disable_adapters()
         stock = lora_sd_pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
@@ -132,28 +134,28 @@ def test_endpoints_stay_one_plain_forward(lora_sd_pipe):
 def test_no_weight_copy(lora_sd_pipe):
     unet = lora_sd_pipe.unet
     before = {id(p) for p in unet.parameters()}
-    handle = deradiff.realign(lora_sd_pipe, lam=0.5, batch_branches=True)
+    handle = deradiff.realign(lora_sd_pipe, lam=0.5, branches="stacked")
     assert {id(p) for p in handle.denoiser.parameters()} == before
 
 
 def test_fallback_reasons(lora_sd_pipe, add_lora):
     unet = lora_sd_pipe.unet
-    assert RealignedDenoiser(unet, 0.5).fallback_reason() is None  # default: one stacked forward
-    denoiser = RealignedDenoiser(unet, 0.5, batch_branches=True)
+    assert Branches(unet).fallback_reason() is None  # default: one stacked forward
+    denoiser = Branches(unet, mode="stacked")
     assert denoiser.fallback_reason() is None
-    assert "off" in RealignedDenoiser(unet, 0.5, batch_branches=False).fallback_reason()
-    assert "two-model" in RealignedDenoiser(unet, 0.5, aligned_model=copy.deepcopy(unet)).fallback_reason()
+    assert "two-call" in Branches(unet, mode="two-call").fallback_reason()
+    assert "two-model" in Branches(unet, aligned_model=copy.deepcopy(unet)).fallback_reason()
 
     unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False), adapter_name="b")
     unet.set_adapters(["default", "b"])
-    denoiser = RealignedDenoiser(unet, 0.5, batch_branches=True)
+    denoiser = Branches(unet, mode="stacked")
     assert "several adapters" in denoiser.fallback_reason()
     unet.set_adapters(["default"])
     assert denoiser.fallback_reason() is None
 
     layer = lora_layers(unet)[0]
     layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
-    denoiser = RealignedDenoiser(unet, 0.5, batch_branches=True)
+    denoiser = Branches(unet, mode="stacked")
     unet.train()
     assert "dropout" in denoiser.fallback_reason()
     unet.eval()
@@ -168,21 +170,21 @@ def test_fallbacks_still_mix_correctly(lora_sd_pipe):
     unet = lora_sd_pipe.unet
     unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False), adapter_name="b")
     unet.set_adapters(["default", "b"])
-    handle = deradiff.realign(lora_sd_pipe, lam=0.5, batch_branches=True)
+    handle = deradiff.realign(lora_sd_pipe, lam=0.5, branches="stacked")
     a = lora_sd_pipe("x", generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="latent").images
-    assert handle.denoiser.last_path == "two-call"
-    handle.denoiser.batch_branches = False
+    assert handle.denoiser.branches.last_path == "two-call"
+    handle.denoiser.branches.mode = "two-call"
     b = lora_sd_pipe("x", generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="latent").images
     assert torch.equal(a, b)
 
 
 def test_unknown_tensor_argument_falls_back(lora_sd_pipe):
     """A tensor in an argument we do not know how to stack by rows runs two calls rather than guessing."""
-    denoiser = RealignedDenoiser(lora_sd_pipe.unet, 0.5, batch_branches=True)
+    denoiser = RealignedDenoiser(lora_sd_pipe.unet, 0.5, branches="stacked")
     x, emb, t = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32), torch.tensor(500)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers warns that the attention processor ignores the tensor
         denoiser(x, t, encoder_hidden_states=emb, cross_attention_kwargs={"scale": 1.0})
-        assert denoiser.last_path == "batched"
+        assert denoiser.branches.last_path == "batched"
         denoiser(x, t, encoder_hidden_states=emb, cross_attention_kwargs={"unknown": torch.ones(2)})
-        assert denoiser.last_path == "two-call"
+        assert denoiser.branches.last_path == "two-call"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from deradiff import cli
 from deradiff.config import load_config
-from deradiff.realign.sample import RealignConfig
+from deradiff.realignment.stage import RealignConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def model_and_lora(tmp_path, lora_sd_pipe):
 
 
 def test_cli_end_to_end(tmp_path, model_and_lora, capsys, monkeypatch):
-    from deradiff.realign.batched import BranchBatcher
+    from deradiff.realignment.batched import BranchBatcher
 
     stacked_calls: list[int] = []
     original_run = BranchBatcher.run

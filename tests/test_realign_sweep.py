@@ -8,8 +8,8 @@ import torch
 
 import deradiff
 from deradiff.errors import DeradiffError
-from deradiff.realign.api import HANDLE_ATTR
-from deradiff.realign.sweep import sweep
+from deradiff.realignment.api import realignment
+from deradiff.realignment.sweep import sweep
 
 PROMPTS = ["a red circle", "a blue square"]
 SEEDS = [3, 4]
@@ -35,31 +35,31 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("batch_branches", [True, False])
-def test_sweep_equals_single_lambda_runs(lora_sd_pipe, batch_branches):
+@pytest.mark.parametrize("branches", ["stacked", "two-call"])
+def test_sweep_equals_single_lambda_runs(lora_sd_pipe, branches):
     pipe = lora_sd_pipe
     rows = []
     hook = pipe.unet.register_forward_pre_hook(
         lambda m, a, kw: rows.append((a[0] if a else kw["sample"]).shape[0]), with_kwargs=True)
-    result = sweep(pipe, PROMPTS, SEEDS, LAMBDAS, batch_branches=batch_branches, **KW)
+    result = sweep(pipe, PROMPTS, SEEDS, LAMBDAS, branches=branches, **KW)
     hook.remove()
     for k, lam in enumerate(LAMBDAS):
         close(stacked(result, k), single(pipe, lam))
     groups, cfg = len(PROMPTS) * len(SEEDS), 2
     # step 0: all lambdas share x_T -> ref + aligned once per (prompt, seed); later 1 + 2 + 1 + 2 rows
     expected = [2 * groups * cfg] + [6 * groups * cfg] * 2
-    if batch_branches:
+    if branches == "stacked":
         assert rows == expected  # ONE forward per step for all 4 lambdas
     else:
         assert sum(rows) == sum(expected) and len(rows) == 2 * 3  # one call per branch per step
-    assert HANDLE_ATTR not in pipe.__dict__ and not hasattr(pipe.unet, "trajectories")  # left as found
+    assert realignment(pipe) is None and not hasattr(pipe.unet, "trajectories")  # left as found
 
 
 def test_sweep_sdxl_and_chunking(lora_sdxl_pipe):
     pipe = lora_sdxl_pipe
-    whole = sweep(pipe, PROMPTS[:1], SEEDS, [0.5, 2.0], batch_branches=True, **KW)
-    chunked = sweep(pipe, PROMPTS[:1], SEEDS, [0.5, 2.0], batch_branches=True, max_batch=2, **KW)
-    handle = deradiff.realign(pipe, lam=2.0, batch_branches=True)
+    whole = sweep(pipe, PROMPTS[:1], SEEDS, [0.5, 2.0], branches="stacked", **KW)
+    chunked = sweep(pipe, PROMPTS[:1], SEEDS, [0.5, 2.0], branches="stacked", max_batch=2, **KW)
+    handle = deradiff.realign(pipe, lam=2.0, branches="stacked")
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     expected = pipe(PROMPTS[0], num_images_per_prompt=2, generator=gens, **KW).images
     handle.undo()
@@ -95,18 +95,18 @@ def test_auto_stacks_a_sweep_only_when_it_adds_few_rows(lora_sd_pipe, lambdas, p
     0.5 and 2 need 4 + 4 (stacking would add 4 > AUTO_STACK_ROWS)."""
     handle = deradiff.realign(lora_sd_pipe, lam=0.5)
     sweep(lora_sd_pipe, PROMPTS[:1], SEEDS[:1], lambdas, **KW)
-    assert handle.denoiser.last_path == path
+    assert handle.denoiser.branches.last_path == path
     handle.undo()
 
 
-def test_batch_branches_not_given_keeps_the_setting_and_none_restores_auto(lora_sd_pipe):
+def test_branches_not_given_keeps_the_setting(lora_sd_pipe):
     handle = deradiff.realign(lora_sd_pipe, lam=0.5)
-    assert handle.denoiser.batch_branches is None  # a new realignment starts at auto
-    deradiff.realign(lora_sd_pipe, lam=0.5, batch_branches=False)
+    assert handle.denoiser.branches.mode == "auto"  # a new realignment starts at auto
+    deradiff.realign(lora_sd_pipe, lam=0.5, branches="two-call")
     deradiff.realign(lora_sd_pipe, lam=2.0)  # not given: kept
-    assert handle.denoiser.batch_branches is False
-    sweep(lora_sd_pipe, PROMPTS[:1], SEEDS[:1], [0.5], batch_branches=True, **KW)
-    assert handle.denoiser.batch_branches is False  # a sweep's override lasts for the sweep only
-    deradiff.realign(lora_sd_pipe, lam=2.0, batch_branches=None)
-    assert handle.denoiser.batch_branches is None
+    assert handle.denoiser.branches.mode == "two-call"
+    sweep(lora_sd_pipe, PROMPTS[:1], SEEDS[:1], [0.5], branches="stacked", **KW)
+    assert handle.denoiser.branches.mode == "two-call"  # a sweep's override lasts for the sweep only
+    deradiff.realign(lora_sd_pipe, lam=2.0, branches="auto")
+    assert handle.denoiser.branches.mode == "auto"
     handle.undo()

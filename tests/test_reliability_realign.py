@@ -237,13 +237,13 @@ def test_non_finite_images_are_never_written(world, tmp_path, capsys):
 
 def test_a_run_that_fails_midway_leaves_no_half_written_results(world, tmp_path, capsys, monkeypatch):
     """Prompt 0's images and grid are written, then prompt 1 fails: nothing of the run may remain."""
-    from deradiff.realign import sample
+    from deradiff.realignment import stage
 
     def fail_on_second_prompt(images, lam, index, prompt):
         if index == 1:
             raise DeradiffError(f"lambda {lam:g} gave non-finite images (simulated)")
 
-    monkeypatch.setattr(sample, "_check_finite", fail_on_second_prompt)
+    monkeypatch.setattr(stage, "_check_finite", fail_on_second_prompt)
     out = tmp_path / "samples"
     code, _, err = run_cli(realign_args(world, out, "prompts=[a red circle, a blue square]"), capsys)
     assert_one_line_error(code, err, "simulated")
@@ -289,13 +289,14 @@ def test_a_lora_folder_that_cannot_load_is_refused_before_the_base_model_loads(w
 # --- 6. the realign CLI's output folder ------------------------------------------------------------------
 def test_a_second_run_into_a_locked_folder_is_refused_with_the_owner_named(world, tmp_path, capsys):
     """Was: two concurrent runs into one folder both succeeded and mixed their images."""
+    from deradiff.training.lock import OutputDirLock
+
     out = tmp_path / "samples"
-    out.mkdir()
-    owner = {"pid": os.getppid(), "host": socket.gethostname()}
-    (out / ".deradiff.lock").write_text(json.dumps(owner))
-    code, _, err = run_cli(realign_args(world, out), capsys)
-    assert_one_line_error(code, err, "in use by another run", f"pid {owner['pid']}")
-    assert files_under(out) == [".deradiff.lock"] and json.loads((out / ".deradiff.lock").read_text()) == owner
+    with OutputDirLock(out):
+        code, _, err = run_cli(realign_args(world, out), capsys)
+        assert files_under(out) == [".deradiff.lock"]
+        assert json.loads((out / ".deradiff.lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert_one_line_error(code, err, "in use by another run", f"pid {os.getpid()}")
 
 
 def test_overwrite_after_an_interrupted_run_keeps_only_the_new_runs_files(world, tmp_path, capsys):

@@ -7,7 +7,12 @@ import torch
 from diffusers import DDIMScheduler
 from torch.distributions import Normal
 
-from deradiff.sampling.ddim import ddim_transition, ddpo_scheduler, guided_denoiser, no_reference, sample_with_logprob
+import contextlib
+
+from deradiff.sampling.conditions import Conditions, encode
+from deradiff.sampling.ddim import ddim_scheduler, ddim_transition
+from deradiff.sampling.guidance import guided, unet_call
+from deradiff.sampling.rollout import sample_with_logprob
 from deradiff.testing import tiny_sd_pipeline
 
 
@@ -25,7 +30,7 @@ def test_transition_matches_scheduler_step(prediction_type: str, eta: float) -> 
         x, out, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
         expected = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         step = ddim_transition(sched, out, t, x, eta)
-        torch.testing.assert_close(step.mean + step.std * noise, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step.draw(noise), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_transition_per_sample_timesteps() -> None:
@@ -46,24 +51,28 @@ def pipe():
     return tiny_sd_pipeline(seed=0)
 
 
-def _embeds(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts))
-    return cond, uncond
+def _conditions(pipe, prompts: list[str], guidance_scale: float = 3.0) -> Conditions:
+    return encode(pipe, prompts, guidance_scale, (16, 16), "cpu")
+
+
+def _scheduler_of(pipe) -> DDIMScheduler:
+    return ddim_scheduler(pipe.scheduler.config, 4)
 
 
 def test_sampled_trajectory_log_probs_and_determinism(pipe) -> None:
-    cond, uncond = _embeds(pipe, ["red circle", "blue square"])
-    sched = ddpo_scheduler(pipe.scheduler.config)
+    conditions = _conditions(pipe, ["red circle", "blue square"])
+    sched = _scheduler_of(pipe)
     kw = dict(num_steps=4, eta=1.0, guidance_scale=3.0, latent_shape=(4, 8, 8))
-    traj = sample_with_logprob(pipe.unet, sched, cond, uncond, generator=torch.Generator().manual_seed(3), reference=no_reference, **kw)
+    traj = sample_with_logprob(pipe.unet, sched, conditions, generator=torch.Generator().manual_seed(3),
+                               reference=contextlib.nullcontext, **kw)
     assert traj.latents.shape == (2, 5, 4, 8, 8) and traj.log_probs.shape == (2, 4) and traj.timesteps.shape == (4,)
     torch.testing.assert_close(traj.kl, torch.zeros(2, 4))  # policy vs itself
-    again = sample_with_logprob(pipe.unet, sched, cond, uncond, generator=torch.Generator().manual_seed(3), **kw)
+    again = sample_with_logprob(pipe.unet, sched, conditions, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(traj.latents, again.latents) and again.kl is None
     # recompute step 2's log-prob independently: guided eps -> scheduler-derived mean -> Normal.log_prob
     j = 2
     x_t, x_prev, t = traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j]
-    eps = guided_denoiser(pipe.unet, cond, uncond, 3.0)(x_t, t)
+    eps = guided(unet_call(pipe.unet), x_t, t.expand(2), conditions, 3.0)
     mean = sched.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
     std = (1.0 * sched._get_variance(int(t), int(t) - 1000 // 4) ** 0.5).item()
     expected = Normal(mean, std).log_prob(x_prev).flatten(1).sum(1)
@@ -71,8 +80,8 @@ def test_sampled_trajectory_log_probs_and_determinism(pipe) -> None:
 
 
 def test_kl_to_perturbed_reference_is_positive(pipe) -> None:
-    cond, uncond = _embeds(pipe, ["green"])
-    sched = ddpo_scheduler(pipe.scheduler.config)
+    conditions = _conditions(pipe, ["green"], guidance_scale=1.0)
+    sched = _scheduler_of(pipe)
     conv = pipe.unet.conv_out
 
     class Shifted:
@@ -85,7 +94,7 @@ def test_kl_to_perturbed_reference_is_positive(pipe) -> None:
             conv.bias.data -= 0.1
 
     traj = sample_with_logprob(
-        pipe.unet, sched, cond, None, num_steps=3, eta=1.0, guidance_scale=1.0, latent_shape=(4, 8, 8),
+        pipe.unet, sched, conditions, num_steps=3, eta=1.0, guidance_scale=1.0, latent_shape=(4, 8, 8),
         generator=torch.Generator().manual_seed(0), reference=Shifted,
     )
     assert torch.all(traj.kl > 0)
@@ -100,14 +109,29 @@ def test_kl_to_perturbed_reference_is_positive(pipe) -> None:
 
 
 def test_eta_zero_is_rejected(pipe) -> None:
-    cond, _ = _embeds(pipe, ["x"])
+    conditions = _conditions(pipe, ["x"], guidance_scale=1.0)
     with pytest.raises(ValueError, match="eta"):
-        sample_with_logprob(pipe.unet, ddpo_scheduler(pipe.scheduler.config), cond, None,
+        sample_with_logprob(pipe.unet, _scheduler_of(pipe), conditions,
                             num_steps=2, eta=0.0, guidance_scale=1.0, latent_shape=(4, 8, 8))
 
 
 def test_deterministic_last_step_is_rejected(pipe) -> None:
-    cond, _ = _embeds(pipe, ["x"])
+    conditions = _conditions(pipe, ["x"], guidance_scale=1.0)
     sched = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
     with pytest.raises(ValueError, match="set_alpha_to_one"):
-        sample_with_logprob(pipe.unet, sched, cond, None, num_steps=2, eta=1.0, guidance_scale=1.0, latent_shape=(4, 8, 8))
+        sample_with_logprob(pipe.unet, sched, conditions, num_steps=2, eta=1.0, guidance_scale=1.0, latent_shape=(4, 8, 8))
+
+
+def test_sdxl_conditions_drive_rollouts_and_select_rows(lora_sdxl_pipe) -> None:
+    """DDPO's rollouts encode through the sampling core, so SDXL (pooled embeddings + time ids) works there too."""
+    pipe = lora_sdxl_pipe
+    conditions = encode(pipe, ["red circle", "blue square"], 3.0, (16, 16), "cpu")
+    assert set(conditions.cond) == {"encoder_hidden_states", "added_cond_kwargs"} and conditions.guided
+    traj = sample_with_logprob(pipe.unet, _scheduler_of(pipe), conditions, num_steps=2, eta=1.0, guidance_scale=3.0,
+                               latent_shape=(4, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert traj.latents.shape == (2, 3, 4, 8, 8) and torch.isfinite(traj.log_probs).all()
+    x, t = traj.latents[:, 1], traj.timesteps[1]
+    with torch.no_grad():
+        both = guided(unet_call(pipe.unet), x, t.expand(2), conditions, 3.0)
+        second = guided(unet_call(pipe.unet), x[1:], t.expand(1), conditions.rows(torch.tensor([1])), 3.0)
+    torch.testing.assert_close(second, both[1:], rtol=1e-5, atol=1e-5)

@@ -1,11 +1,11 @@
-"""`deradiff realign`: sample one trained LoRA at several strengths lambda (see deradiff.realign.sample)."""
+"""`deradiff realign`: sample one trained LoRA at several strengths lambda (see deradiff.realignment.stage)."""
 
 from __future__ import annotations
 
 import argparse
 
 from deradiff.cli.common import add_config_arguments, config_from_args
-from deradiff.realign.sample import RealignConfig
+from deradiff.realignment.stage import RealignConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from deradiff.realign.sample import run_realign
+    from deradiff.realignment.stage import run_realign
 
     config = config_from_args(RealignConfig, args)
     rows = run_realign(config)

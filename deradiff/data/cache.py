@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from deradiff.data.pickapic import decode_image
 from deradiff.errors import DeradiffError
 from deradiff.fileio import match_umask
+from deradiff.models.family import is_sdxl
 
 INDEX = "index.json"
 
@@ -36,10 +37,6 @@ class PairSource(Protocol):
     def __len__(self) -> int: ...
 
     def get(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]: ...
-
-
-def is_sdxl(pipe: Any) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def preprocess(image, resolution: int) -> tuple[torch.Tensor, list[int]]:

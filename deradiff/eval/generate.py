@@ -9,8 +9,9 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from deradiff.eval.sampler import SampleSettings, UnetCall, sample
+from deradiff.eval.sampler import SampleSettings, sample
 from deradiff.eval.variants import TimedCall, Variant, base_call, model_call
+from deradiff.sampling.guidance import ModelCall
 
 Job = tuple[str, int]  # (prompt, seed)
 Loader = Callable[[str, str, str], Any]  # (base_model, lora_dir, device) -> pipeline carrying that LoRA
@@ -32,8 +33,7 @@ def make_jobs(prompts: Sequence[str], seeds: Sequence[int]) -> list[Job]:
 
 def load_lora_pipeline(base_model: str, lora_dir: str, device: str) -> Any:
     """The default loader: the base pipeline with one LoRA, on `device`, progress bars off."""
-    from deradiff.models.pipelines import load_lora, load_pipeline
-    from deradiff.training.dpo import resolve_base_model  # 'tiny' -> the embedded world model
+    from deradiff.models.pipelines import load_lora, load_pipeline, resolve_base_model  # 'tiny' -> the world model
 
     pipe = load_pipeline(resolve_base_model(base_model))
     load_lora(pipe, lora_dir)
@@ -60,7 +60,7 @@ def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: S
     return VariantSamples(torch.cat(images), torch.cat(kls), seconds)
 
 
-def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings, call: UnetCall | None = None) -> None:
+def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings, call: ModelCall | None = None) -> None:
     """One untimed 1-step sample: a fresh pipeline's first UNet calls are slow (lazy init), which would
     otherwise be billed to whichever variant runs first and skew the compute accounting. `call`: the model to
     run (default: the pipeline's UNet with its adapter off)."""

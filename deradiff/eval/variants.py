@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import torch
 
-from deradiff.eval.sampler import UnetCall
 from deradiff.models.lora import adapter_disabled
-from deradiff.realign.mixing import effective_beta
+from deradiff.realignment.mixing import effective_beta, mix_predictions
+from deradiff.sampling.guidance import ModelCall, unet_call
 
 KINDS = ("base", "retrained", "realigned", "weight_scaled")
 
@@ -54,10 +54,10 @@ class Variant:
 class TimedCall:
     """Wraps a UNet call and accumulates its wall time (compute accounting counts only the model's calls)."""
 
-    call: UnetCall
+    call: ModelCall
     seconds: float = field(default=0.0)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> Any:
         start = time.perf_counter()
         try:
             return self.call(x, t, inputs)
@@ -65,17 +65,7 @@ class TimedCall:
             self.seconds += time.perf_counter() - start
 
 
-def unet_call(unet: Any, lora_scale: float | None = None) -> UnetCall:
-    """Call `unet` (or a realigned wrapper); `lora_scale` multiplies the LoRA (diffusers' cross_attention_kwargs)."""
-    extra = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": float(lora_scale)}}
-
-    def call(x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        return unet(x, t, **inputs, **extra, return_dict=False)[0]
-
-    return call
-
-
-def base_call(unet: Any) -> UnetCall:
+def base_call(unet: Any) -> ModelCall:
     """The base model: the LoRA UNet with its adapter off for this call only."""
 
     def call(x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
@@ -85,25 +75,33 @@ def base_call(unet: Any) -> UnetCall:
     return call
 
 
+def realigned_call(branches: Any, lam: float) -> ModelCall:
+    """The realigned model at a constant `lam`: (mixture, reference prediction). The reference branch is the
+    base model's prediction at the same state, so the path KL needs no extra base call."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ref, aligned = branches.both(x, t, **inputs, return_dict=False)
+        return mix_predictions(ref[0], aligned[0], lam), ref[0]
+
+    return call
+
+
 @contextlib.contextmanager
-def model_call(pipe: Any, variant: Variant, branches: str = "auto") -> Iterator[tuple[UnetCall, UnetCall | None]]:
+def model_call(pipe: Any, variant: Variant, branches: str = "auto") -> Iterator[tuple[ModelCall, ModelCall | None]]:
     """(model call, base call or None for the base itself) for `variant` on a pipeline carrying its LoRA.
-    `branches`: how a realigned model runs its two branches (a key of `BRANCH_MODES`)."""
+    `branches`: how a realigned model runs its two branches ("auto", "stacked" or "two-call")."""
     unet = pipe.unet
     if variant.kind == "base":
         yield base_call(unet), None
-    elif variant.kind == "retrained":
+    elif variant.kind == "retrained" or (variant.kind == "realigned" and variant.lam == 1.0):
         yield unet_call(unet), base_call(unet)
     elif variant.kind == "weight_scaled":
-        yield unet_call(unet, lora_scale=variant.lam), base_call(unet)
+        yield unet_call(unet, cross_attention_kwargs={"scale": float(variant.lam)}), base_call(unet)
+    elif variant.kind == "realigned" and variant.lam == 0.0:
+        yield base_call(unet), None  # the base model itself
     elif variant.kind == "realigned":
-        from deradiff.realign.api import realign, unrealign
-        from deradiff.realign.denoiser import BRANCH_MODES
+        from deradiff.realignment.branches import Branches
 
-        realign(pipe, lam=variant.lam, beta=variant.beta, batch_branches=BRANCH_MODES[branches])
-        try:
-            yield unet_call(pipe.unet), base_call(unet)
-        finally:
-            unrealign(pipe)
+        yield realigned_call(Branches(unet, mode=branches), variant.lam), base_call(unet)
     else:
         raise ValueError(f"unknown variant kind '{variant.kind}' (expected one of {KINDS})")

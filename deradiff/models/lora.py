@@ -53,6 +53,8 @@ def attach_lora(
     `alpha` defaults to `rank` (scale 1), the convention of diffusers' LoRA training scripts.
     Gaussian init (peft: A ~ N(0, 1/r), B = 0) starts the adapted model exactly at the base model.
     """
+    from diffusers.training_utils import cast_training_params
+
     unet.requires_grad_(False)
     config = LoraConfig(
         r=rank,
@@ -64,25 +66,42 @@ def attach_lora(
     if not any(n == t or n.endswith(f".{t}") for n in names for t in target_modules):  # peft's suffix rule
         raise DeradiffError(f"config key 'lora.target_modules' {list(target_modules)} matches no layer of the UNet")
     unet.add_adapter(config)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # LoRA weights train in fp32 even when the frozen base is bf16/fp16
-        p.data = p.data.float()
-    return params
+    # LoRA weights train in fp32 even when the frozen base is bf16/fp16
+    cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft tuner layers in `model` (empty when it carries no adapter)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 @contextlib.contextmanager
-def adapter_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run the frozen base model: the same UNet with its LoRA adapter switched off, restored on exit.
+def adapter_disabled(unet: torch.nn.Module, layers: list[torch.nn.Module] | None = None) -> Iterator[torch.nn.Module]:
+    """Run the frozen base model: the same UNet with every LoRA adapter switched off, restored on exit.
 
-    Yields the unwrapped UNet: call it for the reference pass (usually under `torch.no_grad()`), not the
-    DDP/DeepSpeed wrapper, so no gradient-sync hooks fire for a forward that has no backward.
+    Yields the unwrapped UNet: call it for the reference pass, not the DDP/DeepSpeed wrapper, so no gradient-sync
+    hooks fire for a forward that has no backward. On exit each layer's on/off state *and* the adapter weights'
+    requires_grad flags are restored: peft's `enable_adapters` flips requires_grad as a side effect, and a
+    training loop or a realigned pipeline sharing the model must not see that. `layers`: the model's
+    `lora_layers` when the caller has them already.
     """
     model = unwrap(unet)
-    model.disable_adapters()
+    layers = lora_layers(model) if layers is None else layers
+    states = [(layer, layer.disable_adapters) for layer in layers]
+    grads = [(p, p.requires_grad) for layer in layers for name in layer.adapter_layer_names
+             for p in getattr(layer, name).parameters()]
     try:
+        for layer, _ in states:
+            layer.enable_adapters(False)
         yield model
     finally:
-        model.enable_adapters()
+        for layer, was_disabled in states:
+            layer.enable_adapters(not was_disabled)
+        for param, flag in grads:
+            param.requires_grad_(flag)
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -91,11 +110,12 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _pipeline_class(unet: torch.nn.Module) -> type:
-    """SDXL UNets condition on `text_time` (pooled text + size ids); everything else saves as SD."""
+    """The pipeline class a LoRA of this UNet saves with: SDXL or SD."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    from deradiff.models.family import is_sdxl
+
+    return StableDiffusionXLPipeline if is_sdxl(unet) else StableDiffusionPipeline
 
 
 def _stable(value: Any) -> Any:

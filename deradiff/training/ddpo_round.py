@@ -16,22 +16,18 @@ import torch
 from deradiff.losses.ddpo import (
     PerPromptStatTracker,
     gaussian_kl_same_std,
-    gaussian_log_prob,
     kl_regularized_reward,
     ppo_clipped_loss,
 )
 from deradiff.models.lora import adapter_disabled, unwrap
-from deradiff.sampling.ddim import (
-    Trajectory,
-    ddim_transition,
-    ddpo_scheduler,
-    decode_latents,
-    guided_denoiser,
-    sample_with_logprob,
-)
+from deradiff.models.training import training_resolution
+from deradiff.sampling.conditions import Conditions, encode
+from deradiff.sampling.ddim import ddim_scheduler, ddim_transition
+from deradiff.sampling.guidance import guided, unet_call
+from deradiff.sampling.latents import decode, latent_shape
+from deradiff.sampling.rollout import Trajectory, sample_with_logprob
 from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.determinism import step_generator
-from deradiff.training.dpo_step import training_resolution
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
@@ -45,8 +41,7 @@ class Round:
     latents: torch.Tensor  # [N, T+1, C, h, w]
     log_probs: torch.Tensor  # [N, T], summed over latent dims
     timesteps: torch.Tensor  # [T]
-    cond: torch.Tensor  # [N, L, D]
-    uncond: torch.Tensor | None
+    conditions: Conditions  # N rows
     advantages: torch.Tensor  # [N], normalised and clipped
     reward_scale: float  # the round's mean normalising std: scales the KL loss term like the advantages
     sample_order: torch.Tensor  # [inner_epochs, N] PPO shuffles
@@ -66,24 +61,19 @@ class DDPOEngine:
         sched_config = dict(pipe.scheduler.config)
         if cfg.model.prediction_type != "auto":
             sched_config["prediction_type"] = cfg.model.prediction_type
-        self.scheduler = ddpo_scheduler(sched_config)
-        self.scheduler.set_timesteps(cfg.sample.num_steps)
+        self.scheduler = ddim_scheduler(sched_config, cfg.sample.num_steps)
         self.resolution = training_resolution(cfg, pipe)
-        size = self.resolution // pipe.vae_scale_factor
-        self.latent_shape = (pipe.unet.config.in_channels, size, size)
+        self.latent_shape = latent_shape(pipe, self.resolution, self.resolution)
         self.latent_dims = self.latent_shape[0] * self.latent_shape[1] * self.latent_shape[2]
-
-    @property
-    def use_cfg(self) -> bool:
-        return self.cfg.sample.guidance_scale != 1.0
 
     # ---- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings (fp32) for prompts and, with CFG, for the negative prompt."""
-        negative = [self.cfg.sample.negative_prompt] * len(prompts)
-        cond, uncond = self.pipe.encode_prompt(prompts, self.acc.device, 1, self.use_cfg, negative)
-        return cond.float(), (uncond.float() if self.use_cfg else None)
+    def encode(self, prompts: list[str]) -> Conditions:
+        """The prompts' conditioning (fp32) and, with CFG, the negative prompt's."""
+        s = self.cfg.sample
+        conditions = encode(self.pipe, prompts, s.guidance_scale, (self.resolution, self.resolution), self.acc.device,
+                            s.negative_prompt)
+        return conditions.map(lambda x: x.float())
 
     @torch.no_grad()
     def sample_round(self, index: int) -> Round:
@@ -98,26 +88,24 @@ class DDPOEngine:
         parts = [self._sample_batch(prompts[start : start + size], gen) for start in range(0, n, size)]
         trajs, rewards = [t for t, _ in parts], torch.cat([r for _, r in parts])
         latents, log_probs, kl = (torch.cat([getattr(t, f) for t in trajs]) for f in ("latents", "log_probs", "kl"))
-        cond = torch.cat([t.prompt_embeds for t in trajs])
-        uncond = torch.cat([t.negative_embeds for t in trajs]) if self.use_cfg else None
+        conditions = Conditions.cat([t.conditions for t in trajs])
         path_kl = kl.sum(dim=1)
         adv, reward_scale, metrics = self._advantages(prompt_ids, rewards, path_kl)
         orders = self._ppo_orders(gen, n)
-        images = decode_latents(self.pipe.vae, latents[: cfg.ddpo.log_images, -1]) if cfg.ddpo.log_images else latents[:0]
-        return Round(index, prompts, latents, log_probs, self.scheduler.timesteps.clone(), cond, uncond,
+        images = decode(self.pipe.vae, latents[: cfg.ddpo.log_images, -1]) if cfg.ddpo.log_images else latents[:0]
+        return Round(index, prompts, latents, log_probs, self.scheduler.timesteps.clone(), conditions,
                      adv, reward_scale, *orders, metrics, images, rewards)
 
     def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
         """Trajectories with the LoRA on (KL to the adapter-off reference per step) and their rewards."""
-        cond, uncond = self.encode(prompts)
         with self.acc.autocast():
             traj = sample_with_logprob(
-                unwrap(self.model), self.scheduler, cond, uncond,
+                unwrap(self.model), self.scheduler, self.encode(prompts),
                 num_steps=self.cfg.sample.num_steps, eta=self.cfg.sample.eta,
                 guidance_scale=self.cfg.sample.guidance_scale, latent_shape=self.latent_shape,
                 generator=gen, reference=lambda: adapter_disabled(self.model),
             )
-        images = decode_latents(self.pipe.vae, traj.final)
+        images = decode(self.pipe.vae, traj.final)
         rewards = torch.as_tensor(self.reward_fn(images, prompts), dtype=torch.float32).to(self.acc.device)
         return traj, rewards
 
@@ -159,23 +147,23 @@ class DDPOEngine:
         step_idx = rnd.step_order[epoch, idx, j]
         x_t, x_prev = rnd.latents[idx, step_idx], rnd.latents[idx, step_idx + 1]
         t = rnd.timesteps[step_idx]
-        uncond = rnd.uncond[idx] if rnd.uncond is not None else None
-        eps = guided_denoiser(self.model, rnd.cond[idx], uncond, cfg.sample.guidance_scale)(x_t, t)
+        conditions = rnd.conditions.rows(idx)
+        eps = guided(unet_call(self.model), x_t, t.to(x_t.device), conditions, cfg.sample.guidance_scale)
         step = ddim_transition(self.scheduler, eps, t, x_t, cfg.sample.eta)
-        log_prob = gaussian_log_prob(x_prev, step.mean, step.std)
+        log_prob = step.log_prob(x_prev)
         # Per-dimension log-ratio (as DDPO): what the published clip_range 1e-4 is tuned for.
         log_ratio = (log_prob - rnd.log_probs[idx, step_idx]) / self.latent_dims
         loss, stats = ppo_clipped_loss(rnd.advantages[idx], log_ratio, cfg.ddpo.clip_range)
         metrics = {"ppo_loss": float(stats.loss), "clip_fraction": float(stats.clip_fraction),
                    "approx_kl": float(stats.approx_kl)}
         if cfg.ddpo.kl_in == "loss" and cfg.ddpo.beta > 0:
-            kl_term = self._kl_term(step.mean, step.std, x_t, t, rnd.cond[idx], uncond, rnd.reward_scale)
+            kl_term = self._kl_term(step.mean, step.std, x_t, t, conditions, rnd.reward_scale)
             loss = loss + kl_term
             metrics["kl_loss"] = float(kl_term.detach())
         return loss, metrics
 
     def _kl_term(self, mean: torch.Tensor, std: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 cond: torch.Tensor, uncond: torch.Tensor | None, reward_scale: float) -> torch.Tensor:
+                 conditions: Conditions, reward_scale: float) -> torch.Tensor:
         """beta * KL_t / (D * std): the same scale as the per-dimension, std-normalised PPO term.
 
         PPO's gradient at ratio 1 is -A/D * grad log p with A = (r - baseline)/std, i.e. grad E[r] / (D std);
@@ -185,7 +173,7 @@ class DDPOEngine:
         differentiated, as in DPOK).
         """
         with torch.no_grad(), adapter_disabled(self.model) as ref:
-            ref_eps = guided_denoiser(ref, cond, uncond, self.cfg.sample.guidance_scale)(x_t, t)
+            ref_eps = guided(unet_call(ref), x_t, t.to(x_t.device), conditions, self.cfg.sample.guidance_scale)
             ref_mean = ddim_transition(self.scheduler, ref_eps, t, x_t, self.cfg.sample.eta).mean
         kl = gaussian_kl_same_std(mean, ref_mean, std)
         return self.cfg.ddpo.beta * kl.mean() / (self.latent_dims * reward_scale)

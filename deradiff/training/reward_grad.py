@@ -26,6 +26,7 @@ from deradiff.training.registry import TrainerSpec, register_trainer
 if TYPE_CHECKING:
     import torch
 
+    from deradiff.sampling.conditions import Conditions
     from deradiff.training.tracking import Tracker
 
 
@@ -65,48 +66,54 @@ class ChainLoss:
 
     def __init__(self, cfg: RewardGradConfig, pipe: Any, model: "torch.nn.Module", device: Any, rank: int,
                  reward_fn: Callable[..., "torch.Tensor"], prompts: Sequence[str]) -> None:
-        from deradiff.sampling.ddim import ddpo_scheduler
-        from deradiff.training.dpo_step import training_resolution
+        from deradiff.models.training import training_resolution
+        from deradiff.sampling.ddim import ddim_scheduler
+        from deradiff.sampling.latents import latent_shape
 
         self.cfg, self.pipe, self.model, self.device, self.rank = cfg, pipe, model, device, rank
         self.reward_fn, self.prompts = reward_fn, list(prompts)
-        self.scheduler = ddpo_scheduler(dict(pipe.scheduler.config))
-        self.scheduler.set_timesteps(cfg.sample.num_steps)
-        size = training_resolution(cfg, pipe) // pipe.vae_scale_factor
-        self.latent_shape = (pipe.unet.config.in_channels, size, size)
+        self.scheduler = ddim_scheduler(pipe.scheduler.config, cfg.sample.num_steps)
+        self.resolution = training_resolution(cfg, pipe)
+        self.latent_shape = latent_shape(pipe, self.resolution, self.resolution)
 
-    def encode(self, prompts: list[str]) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    def encode(self, prompts: list[str]) -> "Conditions":
+        """The prompts' conditioning (fp32) and, with CFG, the negative prompt's."""
         import torch
 
-        use_cfg = self.cfg.sample.guidance_scale != 1.0
+        from deradiff.sampling.conditions import encode
+
+        s = self.cfg.sample
         with torch.no_grad():
-            cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, use_cfg, [self.cfg.sample.negative_prompt] * len(prompts))
-        return cond.float(), (uncond.float() if use_cfg else None)
+            conditions = encode(self.pipe, prompts, s.guidance_scale, (self.resolution, self.resolution), self.device,
+                                s.negative_prompt)
+        return conditions.map(lambda x: x.float())
 
     def __call__(self, micro_step: int) -> tuple["torch.Tensor", dict[str, float]]:
         import torch
 
         from deradiff.losses.ddpo import gaussian_kl_same_std
         from deradiff.models.lora import adapter_disabled
-        from deradiff.sampling.ddim import ddim_transition, guided_denoiser
+        from deradiff.sampling.ddim import ddim_transition
+        from deradiff.sampling.guidance import guided, unet_call
+        from deradiff.sampling.latents import decode
         from deradiff.training.determinism import step_generator
 
         cfg, s = self.cfg, self.cfg.sample
         gen = step_generator(cfg.train.seed, micro_step, self.rank)
         n = cfg.train.micro_batch_size
         prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n,), generator=gen).tolist()]
-        cond, uncond = self.encode(prompts)
-        policy = guided_denoiser(self.model, cond, uncond, s.guidance_scale)
+        conditions = self.encode(prompts)
         x = torch.randn((n, *self.latent_shape), generator=gen).to(self.device) * self.scheduler.init_noise_sigma
         kl = torch.zeros(n, device=self.device)
         for t in self.scheduler.timesteps:
-            step = ddim_transition(self.scheduler, policy(x, t), t, x, s.eta)
+            t_rows = t.to(self.device).expand(n)
+            pred = guided(unet_call(self.model), x, t_rows, conditions, s.guidance_scale)
+            step = ddim_transition(self.scheduler, pred, t, x, s.eta)
             with adapter_disabled(self.model) as ref:  # same x_t, grad flows through x_t into earlier steps
-                ref_mean = ddim_transition(self.scheduler, guided_denoiser(ref, cond, uncond, s.guidance_scale)(x, t), t, x, s.eta).mean
-            kl = kl + gaussian_kl_same_std(step.mean, ref_mean, step.std)
-            x = step.mean + step.std * torch.randn(x.shape, generator=gen).to(self.device)
-        vae = self.pipe.vae
-        images = (vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
+                ref_pred = guided(unet_call(ref), x, t_rows, conditions, s.guidance_scale)
+            kl = kl + gaussian_kl_same_std(step.mean, ddim_transition(self.scheduler, ref_pred, t, x, s.eta).mean, step.std)
+            x = step.draw(torch.randn(x.shape, generator=gen).to(self.device))
+        images = decode(self.pipe.vae, x)
         reward = self.reward_fn.with_grad(images, prompts)
         beta = cfg.reward_grad.beta
         loss = (beta * kl - reward).mean()
@@ -118,10 +125,10 @@ def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None) -> 
     """Train and save `output_dir/lora`; returns the run summary. `tracker` overrides the config's (tests)."""
     from accelerate.utils import set_seed
 
+    from deradiff.models.pipelines import resolve_base_model
+    from deradiff.models.training import load_models
     from deradiff.rewards import get_reward
     from deradiff.training.ddpo import load_prompt_source
-    from deradiff.training.dpo import resolve_base_model
-    from deradiff.training.dpo_step import load_models
     from deradiff.training.trainer import Trainer
 
     trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,

@@ -70,7 +70,7 @@ def tune(pipe: Any, maximize: str | None = None, *, minimize: str | None = None,
     model's KL strength (default: its deradiff metadata), for the emulated beta*. search / sampling / bootstrap:
     mappings with the YAML sections' keys (e.g. {"num_lambdas": 16, "lambda_max": 3}).
     """
-    from deradiff.realign.api import _metadata_beta
+    from deradiff.realignment.api import _metadata_beta
     from deradiff.rewards import available_rewards
     from deradiff.tuning.stage import Search
 

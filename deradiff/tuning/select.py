@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deradiff.errors import DeradiffError
-from deradiff.realign.mixing import check_lambda, effective_beta
+from deradiff.realignment.mixing import check_lambda, effective_beta
 from deradiff.tuning.criterion import Constraint, Criterion
 
 Row = Mapping[str, Any]

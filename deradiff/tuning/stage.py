@@ -22,16 +22,17 @@ from tqdm.auto import tqdm
 from deradiff.config import config_to_dict
 from deradiff.errors import DeradiffError
 from deradiff.eval import report as eval_report
-from deradiff.eval.compare import eval_prompts, feature_fn, resolve_device, reward_fns, settings_of
+from deradiff.eval.stage import eval_prompts, feature_fn, resolve_device, reward_fns, settings_of
 from deradiff.eval.config import BootstrapSection, SamplingSection
 from deradiff.eval.generate import Job, Loader, VariantSamples, load_lora_pipeline, make_jobs, warm_up
 from deradiff.eval.plan import LoraInfo, read_lora
 from deradiff.eval.scoring import FeatureFn, RewardFn
 from deradiff.eval.uncertainty import OracleEvidence
 from deradiff.eval.validation import oracle_reason, with_interval, worst_ess
-from deradiff.eval.variants import Variant, unet_call
+from deradiff.eval.variants import Variant
+from deradiff.sampling.guidance import unet_call
 from deradiff.fileio import atomic_path, check_output_dir, check_results_absent, read_json, remove_outputs, write_text_atomic
-from deradiff.realign.mixing import effective_beta
+from deradiff.realignment.mixing import effective_beta
 from deradiff.training.lock import OutputDirLock
 from deradiff.training.tracking import retire_runs
 from deradiff.tuning import measure

@@ -1,4 +1,4 @@
-"""Which samplers the mixture is exact for, and the scheduler hooks realignment needs.
+"""Which samplers the mixture is exact for, and the scheduler-step wrapper that tells (it sees each step's eta).
 
 The product p_ref^(1-l) * p_aligned^l of two Gaussians with the same variance is the Gaussian with the mixed
 mean, so the rule is exact for *stochastic* Gaussian reverse steps: DDPM, DDIM with eta > 0, Euler ancestral.
@@ -54,32 +54,22 @@ def step_eta(scheduler: Any, args: tuple, kwargs: dict) -> float | None:
     return None
 
 
-def hook_scheduler(scheduler: Any, on_set_timesteps: Callable[[], None],
-                   on_step: Callable[[Any, tuple, dict], None]) -> None:
-    """Call `on_set_timesteps` after each `set_timesteps` and `on_step` before each `step` (instance-level).
-
-    Instance attributes shadow the class methods, so `unhook_scheduler` restores the scheduler exactly by
-    deleting them; the scheduler's config is never touched.
-    """
+def hook_scheduler(scheduler: Any, on_step: Callable[[Any, tuple, dict], None]) -> None:
+    """Call `on_step(scheduler, args, kwargs)` before each `scheduler.step` (an instance attribute that shadows
+    the class method, so `unhook_scheduler` restores the scheduler exactly; its config is never touched)."""
     unhook_scheduler(scheduler)
-    set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-    @functools.wraps(set_timesteps)
-    def hooked_set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        result = set_timesteps(*args, **kwargs)
-        on_set_timesteps()
-        return result
+    step = scheduler.step
 
     @functools.wraps(step)
     def hooked_step(*args: Any, **kwargs: Any) -> Any:
         on_step(scheduler, args, kwargs)
         return step(*args, **kwargs)
 
-    scheduler.__dict__.update({"set_timesteps": hooked_set_timesteps, "step": hooked_step, _HOOKED: True})
+    scheduler.__dict__.update({"step": hooked_step, _HOOKED: True})
 
 
 def unhook_scheduler(scheduler: Any) -> None:
-    for name in ("set_timesteps", "step", _HOOKED):
+    for name in ("step", _HOOKED):
         scheduler.__dict__.pop(name, None)
 
 

@@ -3,7 +3,7 @@
 For every prompt, every lambda and every seed, one image; the same seed gives every lambda the same initial
 and per-step noise (one `torch.Generator` per image, seeded from the seed), so a row of the grid differs only
 by strength. All lambdas x seeds of a prompt are sampled as one batch of trajectories (up to `max_batch`,
-`deradiff.realign.sweep`): one denoiser call per step instead of one per lambda. Layout of `output_dir`:
+`deradiff.realignment.sweep`): one denoiser call per step instead of one per lambda. Layout of `output_dir`:
 
     images/p{prompt:03d}_lam{lambda}_seed{seed}.png   lambda as written (2, 0.5), in full where that is ambiguous
     grids/p{prompt:03d}.png          rows = lambdas (config order), columns = seeds
@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from deradiff.config import check_device, check_file, check_seeds, option, save_config
 from deradiff.errors import ConfigError, DeradiffError
-from deradiff.fileio import atomic_path, check_output_dir, read_text_file, remove_outputs, write_error, write_text_atomic
+from deradiff.fileio import (atomic_path, check_output_dir, check_results_absent, read_prompt_file, remove_outputs,
+                             write_error, write_text_atomic)
 from deradiff.training.lock import LOCK_NAME, OutputDirLock
 
 # What a run writes into output_dir, in the order overwrite removes it: manifests first, so an interrupted
@@ -71,7 +72,7 @@ class RealignConfig:
                 "at most 2 rows to the call, else two calls), stacked (always one forward), two-call (least memory)")
 
     def validate(self) -> None:
-        from deradiff.realign.mixing import check_lambda
+        from deradiff.realignment.mixing import check_lambda
 
         if not self.lambdas:
             raise ConfigError("config key 'lambdas' must list at least one value")
@@ -111,7 +112,7 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     from deradiff.models.pipelines import check_lora_dir, load_lora, load_pipeline
 
     out = check_output_dir(config.output_dir)
-    _check_results_absent(out, config.overwrite)
+    check_results_absent(out, None, config.overwrite, ignore=(LOCK_NAME,), refusal=_not_empty)
     prompts = _prompts(config)
     device = _device(config.device)
     check_lora_dir(config.lora_dir, "lora_dir")
@@ -119,7 +120,8 @@ def run_realign(config: RealignConfig) -> list[dict[str, Any]]:
     metadata = load_lora(pipe, config.lora_dir) or {}
     # locked only once every input has loaded: a bad input leaves no folders behind
     with OutputDirLock(out):
-        _check_results_absent(out, config.overwrite)  # again: another run may have finished into it meanwhile
+        # again: another run may have finished into it meanwhile
+        check_results_absent(out, None, config.overwrite, ignore=(LOCK_NAME,), refusal=_not_empty)
         remove_outputs(out, OUTPUTS)
         try:
             return _sample_all(pipe, out, prompts, config, metadata, device)
@@ -134,14 +136,13 @@ def _sample_all(pipe: Any, out: Path, prompts: list[str], config: RealignConfig,
     from tqdm.auto import tqdm
 
     import deradiff
-    from deradiff.realign.denoiser import BRANCH_MODES
-    from deradiff.realign.mixing import describe_strength, effective_beta
+    from deradiff.realignment.mixing import describe_strength, effective_beta
 
     _make_output_dirs(out)
     pipe.scheduler = _scheduler(config.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     beta = config.beta if config.beta is not None else metadata.get("beta")
-    handle = deradiff.realign(pipe, lam=config.lambdas[0], beta=beta, batch_branches=BRANCH_MODES[config.branches])
+    handle = deradiff.realign(pipe, lam=config.lambdas[0], beta=beta, branches=config.branches)
     rows: list[dict[str, Any]] = []
     total = len(prompts) * len(config.lambdas) * len(config.seeds)
     # closed on errors too, so an error line never lands on the unfinished progress-bar line
@@ -157,7 +158,7 @@ def _sample_all(pipe: Any, out: Path, prompts: list[str], config: RealignConfig,
                                  "effective_beta": eff if eff not in (None, float("inf")) else None,
                                  "strength": describe_strength(beta, lam), "file": file.as_posix()})
                 bar.update(len(images))
-            _save_image(_grid(grid), out / "grids" / f"p{p:03d}.png")
+            _save_grid(grid, out / "grids" / f"p{p:03d}.png")
     handle.undo()
     _write_manifest(out, rows, config, metadata)
     return rows
@@ -169,7 +170,7 @@ def _sample_lambdas(pipe: Any, index: int, prompt: str, config: RealignConfig, d
     Sampled as arrays first: PIL conversion would silently turn NaN pixels into black ones."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from deradiff.realign.sweep import sweep
+    from deradiff.realignment.sweep import sweep
 
     result = sweep(pipe, [prompt], config.seeds, config.lambdas, max_batch=config.max_batch,
                    generator_device="cpu" if device.type == "mps" else device, num_inference_steps=config.steps,
@@ -205,11 +206,10 @@ def _check_distinct_lambdas(lambdas: list[float]) -> None:
                                   f"lambdas[{i}]={a!r}; list each lambda once")
 
 
-def _check_results_absent(out: Path, overwrite: bool) -> None:
-    """Refuse before any work: earlier results are never replaced unless `overwrite=true` (a lock file left
-    by a run is not a result)."""
-    if out.is_dir() and any(f.name != LOCK_NAME for f in out.iterdir()) and not overwrite:
-        raise DeradiffError(f"output_dir '{out}' is not empty; choose another or pass overwrite=true")
+def _not_empty(folder: str, found: list[Path]) -> str:
+    """The refusal of a realign run: it owns its whole output folder, so anything in it but a lock file left
+    by a run counts as earlier results."""
+    return f"output_dir '{folder}' is not empty; choose another or pass overwrite=true"
 
 
 def _make_output_dirs(out: Path) -> None:
@@ -226,17 +226,20 @@ def _save_image(image: Any, path: Path) -> None:
         image.save(tmp)
 
 
+def _save_grid(grid: list[list[Any]], path: Path) -> None:
+    """One PNG of a prompt's images (diffusers' `make_image_grid`): rows = lambdas, columns = seeds."""
+    from diffusers.utils import make_image_grid
+
+    _save_image(make_image_grid([image for images in grid for image in images], rows=len(grid), cols=len(grid[0])), path)
+
+
 def _prompts(config: RealignConfig) -> list[str]:
     if config.prompts:
         return list(config.prompts)
     path = Path(config.prompts_file) if config.prompts_file else _tiny_eval_prompts_file()
     if not path.is_file():
         raise DeradiffError(f"prompts_file '{path}' does not exist (expected a text file, one prompt a line)")
-    text = read_text_file(path, "prompts_file", "one prompt a line")
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise DeradiffError(f"prompts_file '{path}' has no prompts")
-    return prompts
+    return read_prompt_file(path, "prompts_file")
 
 
 def _tiny_model_dir() -> str:
@@ -271,18 +274,6 @@ def _scheduler(sampler: str, scheduler_config: Any) -> Any:
     import diffusers
 
     return getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config)
-
-
-def _grid(rows: list[list[Any]]) -> Any:
-    """Rows of equal-size PIL images pasted into one image (rows = lambdas, columns = seeds)."""
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid.paste(image.convert("RGB"), (c * w, r * h))
-    return grid
 
 
 def _write_manifest(out: Path, rows: list[dict[str, Any]], config: RealignConfig, metadata: dict) -> None:

@@ -6,9 +6,11 @@
     deradiff.unrealign(pipe)                      # or handle.undo(): the original pipeline, exactly
 
 The pipeline's denoiser (`unet`, or `transformer`) is swapped for a `RealignedDenoiser` without touching the
-pipeline's config, and the scheduler gets instance-level hooks (removed on undo) that start each sampling
-run at step 0, check per-step schedules against the number of steps, and warn once for samplers where the
-mixture is an approximation. `guidance_rescale > 0` is refused while mixing (0 < lam != 1): the rescale is
+pipeline's config; the denoiser counts steps from the timesteps it is called with. At step 0 of each run the
+handle checks per-step schedules against the scheduler's number of steps. The one thing only the scheduler
+sees is the `eta` of each step, which decides whether the mixture is exact for DDIM: so `scheduler.step` gets
+an instance-level wrapper (removed on undo; diffusers has no hook for scheduler calls) that warns once for
+samplers where the mixture is an approximation. `guidance_rescale > 0` is refused while mixing (0 < lam != 1): the rescale is
 not linear, so mixing before it differs from mixing the two rescaled predictions the theory asks for.
 """
 
@@ -21,10 +23,12 @@ from typing import Any
 from torch import nn
 
 from deradiff.errors import DeradiffError
+from deradiff.models.lora import lora_layers
 from deradiff.models.pipelines import LORA_METADATA_ATTR
-from deradiff.realign.denoiser import KEEP, RealignedDenoiser, lora_layers
-from deradiff.realign.mixing import LambdaSpec, effective_beta
-from deradiff.realign.schedulers import (
+from deradiff.realignment.branches import BranchMode, check_mode
+from deradiff.realignment.denoiser import RealignedDenoiser
+from deradiff.realignment.mixing import LambdaSpec, effective_beta
+from deradiff.realignment.schedulers import (
     ApproximateSamplerWarning,
     approximation_message,
     hook_scheduler,
@@ -34,7 +38,6 @@ from deradiff.realign.schedulers import (
     unhook_scheduler,
 )
 
-HANDLE_ATTR = "_deradiff_realign_handle"
 DENOISER_NAMES = ("unet", "transformer")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -77,7 +80,6 @@ class RealignHandle:
         for scheduler in self._schedulers:
             unhook_scheduler(scheduler)
         self._schedulers.clear()
-        self.pipe.__dict__.pop(HANDLE_ATTR, None)
         self.denoiser = None
 
     def _live(self) -> RealignedDenoiser:
@@ -87,13 +89,20 @@ class RealignHandle:
 
     def _install(self, denoiser: RealignedDenoiser) -> None:
         self.denoiser = denoiser
+        denoiser.handle = self
         object.__setattr__(self.pipe, self.component, denoiser)
-        self.pipe.__dict__[HANDLE_ATTR] = self
         self._hook(self.pipe.scheduler)
 
     def _hook(self, scheduler: Any) -> None:
-        hook_scheduler(scheduler, on_set_timesteps=self._live().reset, on_step=self._on_scheduler_step)
+        hook_scheduler(scheduler, on_step=self._on_scheduler_step)
         self._schedulers.append(scheduler)
+
+    def first_timestep(self) -> float | None:
+        """The timestep a sampling run of the pipeline's scheduler starts at (img2img starts at its begin index)."""
+        scheduler = self.pipe.scheduler
+        timesteps = getattr(scheduler, "timesteps", None)
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return float(timesteps[begin]) if timesteps is not None and len(timesteps) > begin else None
 
     # --- hooks -----------------------------------------------------------------------------------------
     def _on_step(self, denoiser: RealignedDenoiser, step: int, timestep: float, lam: float) -> None:
@@ -124,45 +133,50 @@ class RealignHandle:
 
 
 def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = None,
-            beta: float | None = None, batch_branches: bool | None = KEEP) -> RealignHandle:
+            beta: float | None = None, branches: BranchMode | None = None) -> RealignHandle:
     """Realign `pipe` to strength beta/lam; calling it again on the same pipe just updates lam (and beta).
 
     lam: a float >= 0, a list with one value per denoising step, or `fn(step_index, timestep) -> float`.
     aligned_unet: a separately fine-tuned denoiser (two-model mode); otherwise the pipeline's UNet must carry
     a peft LoRA adapter (reference = adapter off). beta: the KL strength the aligned model was trained at
     (default: from the LoRA's deradiff metadata when it was loaded with deradiff.models.load_lora).
-    batch_branches: True = adapter-off and adapter-on branches in one stacked forward per step (LoRA mode),
-    False = two calls (half the activation memory), None = auto: stacked for one image with CFG (2 rows),
-    two calls for larger batches (memory and measured speed; see RealignedDenoiser). Not given: auto for a
-    new realignment, the current setting when the pipe is already realigned.
+    branches: "stacked" = adapter-off and adapter-on branches in one stacked forward per step (LoRA mode),
+    "two-call" = two calls (half the activation memory), "auto" = stacked for one image with CFG (2 rows), two
+    calls for larger batches (see `deradiff.realignment.branches`). None: "auto" for a new realignment, the
+    current setting when the pipe is already realigned.
     """
     _check_beta(beta)
-    handle = pipe.__dict__.get(HANDLE_ATTR)
-    if handle is not None and handle.active:
+    if branches is not None:
+        check_mode(branches)
+    handle = realignment(pipe)
+    if handle is not None:
         if aligned_unet is None or aligned_unet is handle.denoiser.aligned_model:
             handle.lam = lam
             handle.beta = beta if beta is not None else handle.beta
-            if batch_branches is not KEEP:
-                handle.denoiser.batch_branches = batch_branches
+            if branches is not None:
+                handle.denoiser.branches.mode = branches
             return handle
         handle.undo()
     _check_text_encoders(pipe)
     component = _denoiser_component(pipe)
     model = getattr(pipe, component)
-    if aligned_unet is not None:
-        _check_compatible(model, aligned_unet)
-        aligned_unet.to(device=model.device, dtype=model.dtype)
     handle = RealignHandle(pipe, component, model, beta if beta is not None else _metadata_beta(pipe))
-    denoiser = RealignedDenoiser(model, lam, aligned_model=aligned_unet, on_step=handle._on_step,
-                                 batch_branches=None if batch_branches is KEEP else batch_branches)
+    denoiser = RealignedDenoiser(model, lam, aligned_model=aligned_unet, branches=branches or "auto",
+                                 on_step=handle._on_step, first_timestep=handle.first_timestep)
     denoiser.training = model.training
     handle._install(denoiser)
     return handle
 
 
+def realignment(pipe: Any) -> RealignHandle | None:
+    """The live realignment of `pipe` (None when it is not realigned)."""
+    denoiser = next((getattr(pipe, name, None) for name in DENOISER_NAMES if hasattr(pipe, name)), None)
+    return denoiser.handle if isinstance(denoiser, RealignedDenoiser) else None
+
+
 def unrealign(pipe: Any) -> bool:
     """Undo `realign(pipe)`; returns False when the pipeline was not realigned."""
-    handle = pipe.__dict__.get(HANDLE_ATTR)
+    handle = realignment(pipe)
     if handle is None:
         return False
     handle.undo()
@@ -186,15 +200,6 @@ def _check_text_encoders(pipe: Any) -> None:
                 f"pipe.{name} carries an active LoRA adapter; deradiff realigns UNet-only LoRAs (both branches share "
                 f"one prompt encoding, so lambda 0 would not be the base); load a LoRA without {name} layers"
             )
-
-
-def _check_compatible(model: nn.Module, aligned: nn.Module) -> None:
-    if type(model) is not type(aligned):
-        raise DeradiffError(f"aligned_unet is a {type(aligned).__name__} but the pipeline's is a {type(model).__name__}")
-    for key in ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "block_out_channels"):
-        a, b = getattr(model.config, key, None), getattr(aligned.config, key, None)
-        if a != b:
-            raise DeradiffError(f"aligned_unet does not match the pipeline's model: config {key} is {b!r}, expected {a!r}")
 
 
 def _check_beta(beta: float | None) -> None:

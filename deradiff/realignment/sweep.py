@@ -1,6 +1,6 @@
 """Lambda sweeps: K strengths for the same prompts and seeds sampled as ONE batch of trajectories.
 
-    result = deradiff.realign.sweep.sweep(pipe, ["a red circle"], seeds=[0, 1], lambdas=[0, 0.5, 1, 2])
+    result = deradiff.realignment.sweep.sweep(pipe, ["a red circle"], seeds=[0, 1], lambdas=[0, 0.5, 1, 2])
     result.images[k][p][s]        # lambda k, prompt p, seed s
 
 Each lambda gives its own trajectory x_t after the first step, so every (lambda, prompt, seed) is one row of
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from deradiff.errors import DeradiffError
-from deradiff.realign.batched import replace_sample
-from deradiff.realign.denoiser import KEEP
-from deradiff.realign.mixing import LambdaSchedule, LambdaSpec, mix_predictions
+from deradiff.realignment.batched import replace_sample
+from deradiff.realignment.branches import Branches, BranchMode, check_mode
+from deradiff.realignment.mixing import LambdaSchedule, LambdaSpec, mix_predictions
 
 # Arguments sweep() builds itself from prompts/seeds; a caller passing them would silently break the layout.
 OWNED_KWARGS = ("prompt", "num_images_per_prompt", "generator", "latents", "prompt_embeds",
@@ -61,17 +61,24 @@ class TrajectoryLambdas:
         for schedule in self.schedules:
             schedule.check_length(num_steps)
 
-    def predict(self, denoiser: Any, lams: list[float], args: tuple, kwargs: dict) -> Any:
-        """The mixed prediction of every row, from one evaluation of the rows and branches needed."""
+    def predict(self, branches: Branches, lams: list[float], args: tuple, kwargs: dict,
+                with_reference: bool = False) -> Any:
+        """The mixed prediction of every row, from one evaluation of the rows and branches needed; with
+        `with_reference`, (that output, every row's reference prediction: the base model at the row's state)."""
         x = _sample_argument(args, kwargs)
         copies = self._copies(x.shape[0])
         reps = self._representatives(x, copies)
-        ref_rows, aligned_rows = self._needed_rows(lams, reps, copies)
-        template, ref, aligned = denoiser.predict_rows(args, kwargs, ref_rows, aligned_rows)
+        ref_rows, aligned_rows = self._needed_rows(lams, reps, copies, with_reference)
+        template, ref, aligned = branches.rows(args, kwargs, ref_rows, aligned_rows)
         self.rows_per_step.append(len(ref_rows) + len(aligned_rows))
         mixed = self._mix(lams, reps, copies, (ref_rows, ref), (aligned_rows, aligned))
         self._history = [h + (lam,) for h, lam in zip(self._history, lams)]
-        return replace_sample(template, mixed)
+        output = replace_sample(template, mixed)
+        if not with_reference:
+            return output
+        spread = [c * len(self) + reps[t] for c in range(copies) for t in range(len(self))]
+        position = {row: i for i, row in enumerate(ref_rows)}
+        return output, _rows(ref, [position[row] for row in spread])
 
     def _copies(self, rows: int) -> int:
         """How many times the trajectories repeat in the batch (2 with classifier-free guidance)."""
@@ -90,11 +97,13 @@ class TrajectoryLambdas:
             reps.append(r)
         return reps
 
-    def _needed_rows(self, lams: list[float], reps: list[int], copies: int) -> tuple[list[int], list[int]]:
-        """Rows to evaluate without / with the adapter: lambda 1 needs no reference, lambda 0 no aligned."""
+    def _needed_rows(self, lams: list[float], reps: list[int], copies: int,
+                     with_reference: bool) -> tuple[list[int], list[int]]:
+        """Rows to evaluate without / with the adapter: lambda 1 needs no reference (unless asked for), lambda 0
+        no aligned."""
         need_ref, need_aligned = set(), set()
         for t, lam in enumerate(lams):
-            if lam != 1.0:
+            if lam != 1.0 or with_reference:
                 need_ref.add(reps[t])
             if lam != 0.0:
                 need_aligned.add(reps[t])
@@ -146,22 +155,24 @@ class SweepResult:
 
 
 def sweep(pipe: Any, prompts: str | Sequence[str], seeds: Sequence[int], lambdas: Sequence[LambdaSpec], *,
-          max_batch: int | None = None, batch_branches: bool | None = KEEP,
+          max_batch: int | None = None, branches: BranchMode | None = None,
           generator_device: str | torch.device | None = None, **pipe_kwargs: Any) -> SweepResult:
     """Sample every (lambda, prompt, seed) with shared noise per seed, as few batched pipeline calls.
 
     pipe: a pipeline carrying a LoRA adapter, realigned or not (left as it was found). max_batch: most
     trajectories (lambda x prompt x seed) per pipeline call; lambdas are split across calls to respect it
-    (default: all in one call). batch_branches: as in `deradiff.realign`; not given, the pipeline's setting
-    (auto unless set) is kept for the sweep.
+    (default: all in one call). branches: as in `deradiff.realign`, for this sweep; None: the pipeline's
+    setting ("auto" unless set).
     pipe_kwargs: passed to every pipeline call (num_inference_steps, guidance_scale, eta, output_type, ...).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds, lambdas = list(seeds), list(lambdas)
     _check_sweep(prompts, seeds, lambdas, max_batch, pipe_kwargs)
+    if branches is not None:
+        check_mode(branches)
     per_call = len(lambdas) if max_batch is None else max(1, max_batch // (len(prompts) * len(seeds)))
     device = _generator_device(pipe, generator_device)
-    with _realigned(pipe, lambdas[0], batch_branches) as denoiser:
+    with _realigned(pipe, lambdas[0], branches) as denoiser:
         images: list[list[list[Any]]] = []
         for start in range(0, len(lambdas), per_call):
             chunk = lambdas[start:start + per_call]
@@ -212,23 +223,39 @@ def _generator_device(pipe: Any, device: str | torch.device | None) -> torch.dev
 class _realigned:
     """The pipeline's live RealignedDenoiser for the block; realigns first (and undoes after) if needed."""
 
-    def __init__(self, pipe: Any, lam: LambdaSpec, batch_branches: Any):
-        self.pipe, self.lam, self.batch_branches = pipe, lam, batch_branches
+    def __init__(self, pipe: Any, lam: LambdaSpec, branches: BranchMode | None):
+        self.pipe, self.lam, self.mode = pipe, lam, branches
 
     def __enter__(self) -> Any:
-        from deradiff.realign.api import HANDLE_ATTR, realign
+        from deradiff.realignment.api import realign, realignment
 
-        handle = self.pipe.__dict__.get(HANDLE_ATTR)
-        self.created = handle is None or not handle.active
+        handle = realignment(self.pipe)
+        self.created = handle is None
         if self.created:
             handle = realign(self.pipe, lam=self.lam)
         self.handle, self.denoiser = handle, handle.denoiser
-        self.previous = self.denoiser.batch_branches
-        if self.batch_branches is not KEEP:
-            self.denoiser.batch_branches = self.batch_branches
+        self.previous = self.denoiser.branches.mode
+        if self.mode is not None:
+            self.denoiser.branches.mode = self.mode
         return self.denoiser
 
     def __exit__(self, *exc: object) -> None:
-        self.denoiser.batch_branches = self.previous
+        self.denoiser.branches.mode = self.previous
         if self.created:
             self.handle.undo()
+
+
+class TrajectoryCall:
+    """A model call for loops that call the denoiser once per step themselves (the eval's shared-noise loop):
+    every row follows its trajectory's lambda, and each call returns (mixed predictions, reference predictions),
+    the reference being the base model's prediction at that row's state (for its path KL)."""
+
+    def __init__(self, branches: Branches, trajectories: TrajectoryLambdas):
+        self.branches, self.trajectories, self.step = branches, trajectories, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        lams = self.trajectories.at(self.step, float(t.reshape(-1)[0]))
+        self.step += 1
+        output, ref = self.trajectories.predict(self.branches, lams, (x, t), {**inputs, "return_dict": False},
+                                                with_reference=True)
+        return output[0], ref
