@@ -12,9 +12,9 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from deradiff.config import check_file, check_min, config_to_dict, load_config, option
 from deradiff.errors import ConfigError, DeradiffError
@@ -25,6 +25,7 @@ from deradiff.training.lock import OutputDirLock
 
 
 REWARD_METHODS = ("ddpo", "reward_grad")  # beta in reward units: an oracle exists, the eval uses their sampler
+Config = TypeVar("Config")
 
 
 @dataclass
@@ -130,32 +131,50 @@ def prefs_path(cfg: StudyConfig) -> Path:
     return Path(cfg.output_dir) / "prefs" / "train.parquet"
 
 
+# A stage config is the stage's YAML plus the user's overrides, then the study's own settings set on the loaded
+# dataclasses. Keys the schema requires (output_dir, anchor_lora, DPO's data.source) go in as overrides instead:
+# a YAML written for a study may leave them to it, and the loader refuses a config without them.
 def train_config(cfg: StudyConfig, beta: float) -> Any:
-    """The trainer config for one strength: the study's YAML + overrides, its own folder, its beta."""
-    study = Path(cfg.output_dir)
-    overrides = [*cfg.train_overrides, f"output_dir={study / 'train' / f'beta{beta:g}'}", f"{cfg.method}.beta={beta}"]
-    if cfg.prompts is not None:
-        overrides.append(f"{cfg.method}.prompts={json.dumps(cfg.prompts)}")
+    """The trainer config for one strength: its own folder, its beta, the study's prompts and tracker."""
+    required = [f"output_dir={Path(cfg.output_dir) / 'train' / f'beta{beta:g}'}"]
     if cfg.method == "dpo" and cfg.make_prefs:
-        overrides.append(f"data.source={prefs_path(cfg)}")
-    loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, overrides)
-    return replace(loaded, tracker=cfg.tracker)
+        required.append(f"data.source={prefs_path(cfg)}")
+    loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, [*cfg.train_overrides, *required])
+    objective = replace(getattr(loaded, cfg.method), beta=beta)
+    if cfg.prompts is not None:
+        objective = replace(objective, prompts=list(cfg.prompts))
+    return validated(replace(loaded, tracker=cfg.tracker, **{cfg.method: objective}))
 
 
 def eval_config(cfg: StudyConfig, anchor: str, retrained: Sequence[str]) -> Any:
-    """The eval config: the study's eval YAML + overrides, pointed at this study's LoRAs and folder. For ddpo the
-    eval samples with the training sampler (where lambda = beta0 / beta is exact and the oracle applies);
-    so does reward_grad."""
+    """The eval config, pointed at this study's LoRAs, folder and W&B group. For ddpo the eval samples with the
+    training sampler (where lambda = beta0 / beta is exact and the oracle applies); so does reward_grad."""
     from deradiff.eval.config import EvalConfig
 
-    overrides = [*cfg.eval_overrides, f"output_dir={Path(cfg.output_dir) / 'eval'}", f"anchor_lora={anchor}",
-                 f"retrained_loras={json.dumps(list(retrained))}", "overwrite=true", f"group={study_group(cfg)}"]
+    required = [f"output_dir={Path(cfg.output_dir) / 'eval'}", f"anchor_lora={anchor}"]
+    loaded = load_config(EvalConfig, cfg.eval_config, [*cfg.eval_overrides, *required])
+    composed = replace(loaded, retrained_loras=list(retrained), overwrite=True, group=study_group(cfg),
+                       tracker=cfg.tracker)
     if cfg.method in REWARD_METHODS:
         sample = train_config(cfg, cfg.beta0).sample
-        overrides += [f"sampling.steps={sample.num_steps}", f"sampling.eta={sample.eta}", f"sampling.guidance_scale={sample.guidance_scale}"]
+        composed = replace(composed, sampling=replace(composed.sampling, steps=sample.num_steps, eta=sample.eta,
+                                                      guidance_scale=sample.guidance_scale))
     if cfg.prompts is not None:
-        overrides.append(f"prompts={json.dumps(cfg.prompts)}")
-    return replace(load_config(EvalConfig, cfg.eval_config, overrides), tracker=cfg.tracker)
+        composed = replace(composed, prompts=list(cfg.prompts))
+    return validated(composed)
+
+
+def validated(config: Config) -> Config:
+    """`config` after the checks `load_config` runs on what it builds (every section's `validate`, innermost
+    first): the study changes loaded configs, and a value it sets must pass them as one typed by a user."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            validated(value)
+    check = getattr(config, "validate", None)
+    if callable(check):
+        check()
+    return config
 
 
 def study_group(cfg: StudyConfig) -> str:
@@ -172,7 +191,7 @@ def prefs_stage(cfg: StudyConfig) -> StageRecord | None:
 
     def generate() -> dict[str, Any]:
         from deradiff.data.prefs import generate_preferences
-        from deradiff.training.dpo import resolve_base_model
+        from deradiff.models.pipelines import resolve_base_model
 
         info = generate_preferences(resolve_base_model(tcfg.model.pretrained), str(prefs_path(cfg)), tcfg.data.generate)
         return {"output": str(prefs_path(cfg)), "outputs": [str(prefs_path(cfg))],
@@ -194,22 +213,28 @@ def train_stage(cfg: StudyConfig, beta: float, upstream: Sequence[str]) -> Stage
     return run_stage(Path(cfg.output_dir), f"train-{cfg.method}-beta{beta:g}", key, train)
 
 
-def eval_stage(cfg: StudyConfig, anchor: StageRecord, retrained: Sequence[StageRecord]) -> StageRecord:
-    """Compare the anchor realigned (and weight-scaled) with the retrained LoRAs."""
-    from deradiff.eval.compare import run_eval
+def eval_stage(cfg: StudyConfig, anchor: StageRecord,
+               retrained: Sequence[StageRecord]) -> tuple[StageRecord, dict[str, Any]]:
+    """Compare the anchor realigned (and weight-scaled) with the retrained LoRAs. Returns the stage's record and
+    the eval's results as results.json holds them: this run's, or the file's when an earlier run did the stage."""
+    from deradiff.eval.report import json_safe
+    from deradiff.eval.stage import run_eval
 
     ecfg = eval_config(cfg, anchor.result["lora_dir"], [r.result["lora_dir"] for r in retrained])
     loras = [anchor.result["lora_dir"], *(r.result["lora_dir"] for r in retrained)]
     key = {"eval": {k: v for k, v in config_to_dict(ecfg).items() if k not in ("tracker", "group")},
            "upstream": [anchor.key, *(r.key for r in retrained)],
            "loras": [folder_digest(lora) for lora in loras]}  # a LoRA replaced on disk reruns the eval
+    evaluated: dict[str, Any] = {}
 
     def evaluate() -> dict[str, Any]:
         result = run_eval(ecfg)
+        evaluated.update(json_safe(result.results))  # inf/nan as null, as in the file a rerun reads
         results = str(Path(ecfg.output_dir) / "results.json")
         return {"report": str(result.report), "results": results, "outputs": [str(result.report), results]}
 
-    return run_stage(Path(cfg.output_dir), "eval", key, evaluate)
+    record = run_stage(Path(cfg.output_dir), "eval", key, evaluate)
+    return record, (read_json(record.result["results"], "eval results") if record.skipped else evaluated)
 
 
 # ---- compute accounting ----------------------------------------------------------------------------------
@@ -367,8 +392,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
         torch.set_num_threads(cfg.threads)
     preflight(cfg)
     with OutputDirLock(cfg.output_dir):  # two studies in one folder would mix their stages
-        records, trains = run_stages(cfg)
-        results = read_json(records[-1].result["results"], "eval results")
+        records, trains, results = run_stages(cfg)
         acc, found, converged = accounting(cfg, records, trains, results), findings(results), convergence(cfg, trains)
         report, verdict = write_study_report(cfg, results, acc, found, converged)
     return StudyResult(report=report, summary={"verdict": verdict, "convergence": converged, "findings": found, "accounting": acc},
@@ -390,30 +414,31 @@ def preflight(cfg: StudyConfig) -> None:
     check_output_dir(eval_config(cfg, loras[0], loras[1:]).output_dir)
 
 
-def run_stages(cfg: StudyConfig) -> tuple[list[StageRecord], list[StageRecord]]:
-    """(every stage's record, the train stages' records), finished stages skipped."""
+def run_stages(cfg: StudyConfig) -> tuple[list[StageRecord], list[StageRecord], dict[str, Any]]:
+    """(every stage's record, the train stages' records, the eval's results), finished stages skipped."""
     from tqdm.auto import tqdm
 
     from deradiff.eval.tracking import wandb_group
 
     records: list[StageRecord] = []
     bar = tqdm(total=len(cfg.betas) + 3, desc="study", unit="stage")
+    prefs = prefs_stage(cfg)
+    records += [prefs] if prefs else []
+    bar.update()
+    upstream = [prefs.key] if prefs else []
+    trains = []
     with wandb_group(study_group(cfg), "train"):
-        prefs = prefs_stage(cfg)
-        records += [prefs] if prefs else []
-        bar.update()
-        upstream = [prefs.key] if prefs else []
-        trains = []
         for beta in [cfg.beta0, *cfg.betas]:
             bar.set_postfix_str(f"train beta={beta:g}")
             trains.append(train_stage(cfg, beta, upstream))
             bar.update()
-        records += trains
-        bar.set_postfix_str("eval")
-        records.append(eval_stage(cfg, trains[0], trains[1:]))
-        bar.update()
+    records += trains
+    bar.set_postfix_str("eval")
+    eval_record, results = eval_stage(cfg, trains[0], trains[1:])
+    records.append(eval_record)
+    bar.update()
     bar.close()
-    return records, trains
+    return records, trains, results
 
 
 def format_summary(result: StudyResult) -> str:

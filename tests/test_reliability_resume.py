@@ -1,8 +1,9 @@
 """Kill and resume: a real `deradiff train dpo` process is SIGKILLed (mid-checkpoint-save or right after one) at
 seeded-random steps, resumed with `resume_from=latest`, and must end with the adapter of an uninterrupted run.
 
-Also: a second run on an output_dir held by a live run is refused (lock file with pid), and an interrupted
-checkpoint save or prune never leaves a `step-N` folder that `latest` would pick but that fails to load.
+Also: a second run on an output_dir held by a live run is refused (an OS file lock, which dies with its
+process), and an interrupted checkpoint save or prune never leaves a `step-N` folder that `latest` would pick
+but that fails to load.
 """
 
 from __future__ import annotations

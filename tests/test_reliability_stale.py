@@ -221,25 +221,22 @@ def test_resume_on_a_replaced_data_file_is_refused(tmp_path, capsys):
 
 
 def test_a_run_refused_by_the_lock_creates_no_w_and_b_run(finished, tmp_path, capsys):
-    """Another live process (here: pytest's parent) holds the output folder: refused, and nothing logged."""
+    """Another live run (here: this process's own lock) holds the output folder: refused, and nothing logged."""
     import os
-    import socket
 
-    from deradiff.training.lock import LOCK_NAME
+    from deradiff.training.lock import OutputDirLock
 
     assets, _ = finished
     out = tmp_path / "run"
-    out.mkdir()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
-    code, _, err = run_cli(train_args(assets["config"], out, STEPS, "tracker.backend=wandb", "tracker.mode=offline"), capsys)
-    assert_one_line_error(code, err, "in use by another run", f"pid {os.getppid()}")
+    with OutputDirLock(out):
+        code, _, err = run_cli(train_args(assets["config"], out, STEPS, "tracker.backend=wandb", "tracker.mode=offline"), capsys)
+    assert_one_line_error(code, err, "in use by another run", f"pid {os.getpid()}")
     assert not (out / "wandb").exists()
 
 
 @pytest.mark.parametrize("damaged, named", [
     ("checkpoints/step-00000004/trainer_state.json", "checkpoint state"),
     ("history.jsonl", "training history"),
-    (".deradiff.lock", "lock file"),
 ])
 def test_a_damaged_record_of_a_run_is_one_clear_error(finished, tmp_path, capsys, damaged, named):
     """Files deradiff writes atomically, damaged from outside: named, never a JSON traceback (exit 1)."""

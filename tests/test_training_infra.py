@@ -126,21 +126,38 @@ def test_non_finite_loss_names_the_step(tmp_path):
         trainer.run(lambda s: trainer.accumulate(s, bad), {"method": "test"})
 
 
-def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
-    with OutputDirLock(tmp_path):
-        (tmp_path / LOCK_NAME).read_text()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        import socket
+HOLD_LOCK = """
+import sys
+from deradiff.training.lock import OutputDirLock
+lock = OutputDirLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+input()
+"""
 
-        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
-        with pytest.raises(DeradiffError, match="in use by another run"):
+
+def test_lock_refuses_a_live_owner_and_a_killed_owner_never_blocks(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "held"
+        with pytest.raises(DeradiffError) as refused:
             OutputDirLock(tmp_path).acquire()
+        assert f"'{tmp_path}' is in use by another run (pid {live.pid} on " in str(refused.value)
     finally:
         live.kill()
-        live.wait()
-    with OutputDirLock(tmp_path) as lock:  # owner now dead: stale lock taken over
+        live.communicate()
+    assert (tmp_path / LOCK_NAME).is_file()  # left behind by the killed owner, whose OS lock died with it
+    with OutputDirLock(tmp_path) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_damaged_leftover_lock_file_never_blocks_and_a_second_lock_in_one_process_is_refused(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("{not json")
+    with OutputDirLock(tmp_path):
+        with pytest.raises(DeradiffError, match=f"in use by another run \\(pid {os.getpid()} on "):
+            OutputDirLock(tmp_path).acquire()
 
 
 def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
@@ -166,6 +183,24 @@ def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
     tracker.finish({"final_loss": 1.0})
     assert modes == ["online", "offline"]
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/*.png"))
+
+
+def test_w_and_b_runs_get_their_group_and_job_type_as_arguments(tmp_path, monkeypatch):
+    """Was: the group and job type went through WANDB_RUN_GROUP / WANDB_JOB_TYPE, set while the runs started."""
+    import wandb
+
+    from deradiff.eval.tracking import default_factory
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(kwargs))
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    default_factory("study-s", "eval")(TrackerSection(mode="offline"), str(tmp_path), "eval-anchor")
+    assert (runs[0]["group"], runs[0]["job_type"], runs[0]["name"]) == ("study-s", "eval", "eval-anchor")
+    assert "WANDB_RUN_GROUP" not in os.environ
+    trainer = Trainer(TrainSection(), OptimSection(), TrackerSection(), str(tmp_path / "run"), group="study-s")
+    assert trainer.wandb_group == "study-s"
+    monkeypatch.setenv("WANDB_RUN_GROUP", "mine")  # a user's own group, for a run no caller groups
+    assert Trainer(TrainSection(), OptimSection(), TrackerSection(), str(tmp_path / "run")).wandb_group == "mine"
 
 
 def test_fresh_run_refuses_an_earlier_runs_folder_unless_overwrite(tmp_path):

@@ -1,8 +1,7 @@
 """Eval logging: one tracker run per evaluated model (consistent config keys: kind, method, beta, lambda,
 effective_beta), all in one W&B group per study, plus one 'report' run carrying the plots.
 
-W&B has no group field in the shared TrackerSection, so the group is passed the way W&B documents for any
-process: the WANDB_RUN_GROUP (and WANDB_JOB_TYPE) environment variables, set only while runs start.
+The group and job type go to each eval run explicitly (`default_factory(group, job_type)`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,9 @@ TrackerFactory = Callable[[TrackerSection, str, str], Tracker]  # (section, outp
 
 @contextlib.contextmanager
 def wandb_group(group: str, job_type: str) -> Iterator[None]:
-    """Set WANDB_RUN_GROUP / WANDB_JOB_TYPE for runs started inside, restoring the previous values."""
+    """Set WANDB_RUN_GROUP / WANDB_JOB_TYPE for training runs started inside (a study's, a tune's verify),
+    restoring the previous values: a trainer's run function takes its config only, so the group cannot be
+    passed to its `Trainer(group=, job_type=)` from here."""
     saved = {k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "WANDB_JOB_TYPE")}
     os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_JOB_TYPE"] = group, job_type
     try:
@@ -39,8 +40,14 @@ def wandb_group(group: str, job_type: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def default_factory(section: TrackerSection, output_dir: str, name: str) -> Tracker:
-    return make_tracker(dataclasses.replace(section, run_name=name), output_dir, is_main_process=True)
+def default_factory(group: str, job_type: str) -> TrackerFactory:
+    """W&B runs (or none, as `section` says) in `group`, of `job_type`."""
+
+    def factory(section: TrackerSection, output_dir: str, name: str) -> Tracker:
+        return make_tracker(dataclasses.replace(section, run_name=name), output_dir, is_main_process=True, group=group,
+                            job_type=job_type)
+
+    return factory
 
 
 def numbers(row: dict[str, Any]) -> dict[str, float]:
@@ -59,23 +66,22 @@ def log_eval(cfg: Any, variants: Sequence[Any], samples: dict[str, Any], jobs: S
     """Log every model's metrics and sample images, then the report run with plots and the error summary."""
     if cfg.tracker.backend == "none" or cfg.tracker.mode == "disabled":
         return
-    factory = factory or default_factory
     group = cfg.group or out.resolve().name
+    factory = factory or default_factory(group, "eval")
     shown = min(len(jobs), cfg.grid_seeds)
-    with wandb_group(group, "eval"):
-        for variant, row in zip(variants, results["models"]):
-            tracker = factory(cfg.tracker, str(out), f"eval-{variant.name}")
-            tracker.log_config({**variant.tracker_config(), "beta0": results["meta"]["beta0"], "group": group})
-            tracker.log_scalars(numbers(row), step=0)
-            tracker.log_images("samples", samples[variant.name].images[:shown], [f"{p} (seed {s})" for p, s in jobs[:shown]], step=0)
-            tracker.finish(numbers(row))
-        for row in (r for r in results["models"] if r["kind"] == "oracle"):  # the exact optimum: numbers, no images
-            tracker = factory(cfg.tracker, str(out), f"eval-{row['name']}")
-            tracker.log_config({k: row[k] for k in ("name", "kind", "method", "beta", "lambda", "effective_beta", "reliable")}
-                               | {"beta0": results["meta"]["beta0"], "group": group})
-            tracker.log_scalars(numbers(row), step=0)
-            tracker.finish(numbers(row))
-        log_report(cfg, results, out, factory, group)
+    for variant, row in zip(variants, results["models"]):
+        tracker = factory(cfg.tracker, str(out), f"eval-{variant.name}")
+        tracker.log_config({**variant.tracker_config(), "beta0": results["meta"]["beta0"], "group": group})
+        tracker.log_scalars(numbers(row), step=0)
+        tracker.log_images("samples", samples[variant.name].images[:shown], [f"{p} (seed {s})" for p, s in jobs[:shown]], step=0)
+        tracker.finish(numbers(row))
+    for row in (r for r in results["models"] if r["kind"] == "oracle"):  # the exact optimum: numbers, no images
+        tracker = factory(cfg.tracker, str(out), f"eval-{row['name']}")
+        tracker.log_config({k: row[k] for k in ("name", "kind", "method", "beta", "lambda", "effective_beta", "reliable")}
+                           | {"beta0": results["meta"]["beta0"], "group": group})
+        tracker.log_scalars(numbers(row), step=0)
+        tracker.finish(numbers(row))
+    log_report(cfg, results, out, factory, group)
 
 
 def log_report(cfg: Any, results: dict[str, Any], out: Path, factory: TrackerFactory, group: str) -> None:

@@ -1,7 +1,8 @@
-"""One live run per output directory: a lock file holding the owner's host and pid.
+"""One live run per output directory: an OS file lock (`filelock`) on output_dir/.deradiff.lock.
 
-Two runs writing the same checkpoints would silently corrupt each other's resume state. The lock is
-created with O_EXCL (atomic); a lock whose pid is dead on this host is stale and is taken over.
+Two runs writing the same checkpoints would silently corrupt each other's resume state. The operating system
+releases the lock when its process dies, so a killed run never blocks the next one; the file also names its
+owner (pid and host), only so that a refused run can say which run holds the folder.
 """
 
 from __future__ import annotations
@@ -13,19 +14,11 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
+from filelock import FileLock, Timeout
+
 from deradiff.errors import DeradiffError
 
 LOCK_NAME = ".deradiff.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class OutputDirLock:
@@ -33,50 +26,37 @@ class OutputDirLock:
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOCK_NAME
-        self.held = False
+        self.lock = FileLock(self.path)
         self.created = False  # this run made the folder: removed again on release if the run left it empty
 
+    @property
+    def held(self) -> bool:
+        return self.lock.is_locked
+
     def acquire(self) -> None:
+        """Take the lock without waiting: another run holding it is refused at once, with its owner named."""
         self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._check_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(owner)
-            self.held = True
-            return
-        raise DeradiffError(f"could not take the lock {self.path}; remove it if no run is using this output_dir")
-
-    def _check_stale(self) -> None:
-        """Remove the lock if its owner is dead on this host; otherwise refuse with the owner named."""
+        owner = self._owner()  # read first: an older filelock empties the file when it tries to lock it
         try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        pid, host = info.get("pid"), info.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
-            self.path.unlink(missing_ok=True)
-            return
-        if pid == os.getpid() and host == socket.gethostname():
-            self.path.unlink(missing_ok=True)
-            return
-        if not isinstance(pid, int):
-            raise DeradiffError(f"lock file {self.path} is unreadable; delete it if no run is using this output_dir")
-        raise DeradiffError(
-            f"output_dir '{self.path.parent}' is in use by another run (pid {pid} on {host}); "
-            f"pick another output_dir or delete {self.path} if that run is gone"
-        )
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            raise DeradiffError(f"output_dir '{self.path.parent}' is in use by another run{owner}; pick another "
+                                "output_dir or wait for that run to end") from None
+        self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    def _owner(self) -> str:
+        """' (pid N on HOST)' as the holding run wrote it; '' when the file is missing or not a record."""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            info = json.loads(self.path.read_text())
+            return f" (pid {int(info['pid'])} on {info['host']})"
+        return ""
 
     def release(self) -> None:
         """Drop the lock; a folder this run created and left empty (it stopped on bad input) goes too."""
         if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+            self.path.unlink(missing_ok=True)  # while held: a run that opened the old file cannot lock a removed one
+            self.lock.release()
             folder = self.path.parent
             if self.created and folder.is_dir() and not any(folder.iterdir()):
                 with contextlib.suppress(OSError):  # another run may have just taken it: never mask the real error

@@ -79,12 +79,14 @@ class RecordingTracker:
 class WandbTracker:
     """Weights & Biases; `online` falls back to `offline` (with a warning) when W&B cannot start."""
 
-    def __init__(self, section: TrackerSection, run_dir: str, default_name: str, group: str | None = None) -> None:
+    def __init__(self, section: TrackerSection, run_dir: str, default_name: str, group: str | None = None,
+                 job_type: str | None = None) -> None:
         import wandb
 
         self._wandb = wandb
         kwargs = dict(
             group=group,  # None: W&B's own default (WANDB_RUN_GROUP when set)
+            job_type=job_type,  # None: W&B's own default (WANDB_JOB_TYPE when set)
             project=section.project,
             entity=section.entity,
             name=section.run_name or default_name,
@@ -117,11 +119,14 @@ class WandbTracker:
         self.run.finish()
 
 
-def make_tracker(section: TrackerSection, output_dir: str, is_main_process: bool, group: str | None = None) -> Tracker:
-    """The tracker for this process: only the main process logs anything."""
+def make_tracker(section: TrackerSection, output_dir: str, is_main_process: bool, group: str | None = None,
+                 job_type: str | None = None) -> Tracker:
+    """The tracker for this process: only the main process logs anything. `group` and `job_type` are W&B's
+    (runs of one study compare in one group; the job type says which stage logged a run)."""
     if not is_main_process or section.backend == "none" or section.mode == "disabled":
         return NullTracker()
-    return WandbTracker(section, run_dir=output_dir, default_name=os.path.basename(os.path.abspath(output_dir)), group=group)
+    name = os.path.basename(os.path.abspath(output_dir))
+    return WandbTracker(section, run_dir=output_dir, default_name=name, group=group, job_type=job_type)
 
 
 RETIRED = "replaced"  # output_dir/wandb/replaced/: runs of results that were replaced, out of `wandb sync`'s globs

@@ -130,8 +130,11 @@ class Trainer:
         tracker_override: Tracker | None = None,
         sample_unit: str = "samples",
         config: Any = None,
+        group: str | None = None,
+        job_type: str | None = None,
     ) -> None:
         self.train_cfg, self.optim_cfg, self.tracker_cfg = train, optim, tracker
+        self.group, self.job_type = group, job_type  # W&B's, from the caller (a study, a tune's verify)
         self.output_dir = Path(output_dir)
         self.config = config  # the whole run config (a dataclass): saved as train_config.yaml beside the LoRA
         self.config_dict = config_to_dict(config) if config is not None else (config_dict or {})
@@ -253,7 +256,7 @@ class Trainer:
             with atomic_path(self.output_dir / TRAIN_CONFIG) as tmp:
                 save_config(self.config, tmp)
         self.tracker = self._tracker_override or make_tracker(self.tracker_cfg, str(self.output_dir), acc.is_main_process,
-                                                              group=self.wandb_group)
+                                                              group=self.wandb_group, job_type=self.job_type)
         self._announce(start)
         self.history = read_history(self.output_dir, start)
         # a resume with no step left keeps the metrics of the step that finished the run
@@ -337,8 +340,9 @@ class Trainer:
 
     @property
     def wandb_group(self) -> str:
-        """The W&B group of this run: the caller's (a study sets WANDB_RUN_GROUP), else train-<output folder>."""
-        return os.environ.get("WANDB_RUN_GROUP") or f"train-{self.output_dir.resolve().name}"
+        """The W&B group of this run: the caller's, else the user's WANDB_RUN_GROUP, else train-<output folder>.
+        Always a name (not W&B's None), since the LoRA's metadata records it for the stages that follow."""
+        return self.group or os.environ.get("WANDB_RUN_GROUP") or f"train-{self.output_dir.resolve().name}"
 
     def train_seconds(self) -> float:
         """Loop wall time of the whole training so far, the runs it resumed included."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deradiff.eval.plan import LoraInfo
-from deradiff.eval.tracking import TrackerFactory, default_factory, numbers, png_tensor, wandb_group
+from deradiff.eval.tracking import TrackerFactory, default_factory, numbers, png_tensor
 from deradiff.tuning.config import TuneConfig
 
 
@@ -32,20 +32,19 @@ def log_tune(cfg: TuneConfig, anchor: LoraInfo, results: dict[str, Any], out: Pa
     if cfg.tracker.backend == "none" or cfg.tracker.mode == "disabled":
         return
     group = tune_group(cfg, anchor)
-    with wandb_group(group, "tune"):
-        tracker = (factory or default_factory)(cfg.tracker, str(out), "tune")
-        meta = results["meta"]
-        tracker.log_config({"kind": "tune", "method": meta["method"], "beta0": meta["beta0"], "group": group,
-                            "criterion": meta["criterion"]["text"], "anchor_lora": meta["anchor_lora"],
-                            "reason": results["choice"]["reason"] if results["choice"] else results["infeasible"]["message"]})
-        for step, row in enumerate(results["rows"]):  # step i = the i-th smallest lambda
-            values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            tracker.log_scalars(numbers({**values, "feasible": float(row["feasible"])}), step=step)
-        last = len(results["rows"])
-        for rel in results["plots"]:
-            tracker.log_images(f"plots/{Path(rel).stem}", png_tensor(out / rel)[None], [rel], step=last)
-        for grid in results["grids"]:
-            if (out / grid["path"]).is_file():
-                tracker.log_images("grids", png_tensor(out / grid["path"])[None], [grid["prompt"]], step=last)
-        tracker.finish(summary_of(results))
+    tracker = (factory or default_factory(group, "tune"))(cfg.tracker, str(out), "tune")
+    meta = results["meta"]
+    tracker.log_config({"kind": "tune", "method": meta["method"], "beta0": meta["beta0"], "group": group,
+                        "criterion": meta["criterion"]["text"], "anchor_lora": meta["anchor_lora"],
+                        "reason": results["choice"]["reason"] if results["choice"] else results["infeasible"]["message"]})
+    for step, row in enumerate(results["rows"]):  # step i = the i-th smallest lambda
+        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracker.log_scalars(numbers({**values, "feasible": float(row["feasible"])}), step=step)
+    last = len(results["rows"])
+    for rel in results["plots"]:
+        tracker.log_images(f"plots/{Path(rel).stem}", png_tensor(out / rel)[None], [rel], step=last)
+    for grid in results["grids"]:
+        if (out / grid["path"]).is_file():
+            tracker.log_images("grids", png_tensor(out / grid["path"])[None], [grid["prompt"]], step=last)
+    tracker.finish(summary_of(results))
 

@@ -68,7 +68,7 @@ def run_verify(cfg: TuneConfig, plan: RetrainPlan, choice: Choice, anchor: LoraI
     if choice.lam in (0.0, 1.0) or choice.beta is None or not math.isfinite(choice.beta):
         which = "the base model" if choice.lam == 0.0 else "the anchor itself"
         return {"beta": choice.beta, "skipped": f"lambda* = {choice.lam:g} is {which}: there is nothing to retrain"}
-    from deradiff.eval.compare import resolve_device
+    from deradiff.eval.stage import resolve_device
     from deradiff.eval.tracking import wandb_group
 
     print(f"tune: verify, training one LoRA at beta {choice.beta:.4g} with the anchor's config")
