@@ -43,7 +43,7 @@ def _prefs(args: argparse.Namespace) -> int:
     from deradiff.models.pipelines import resolve_base_model
 
     cfg = config_from_args(PrefsConfig, args)
-    # Every refusal comes before the model loads: sampling the pairs takes minutes.
+    # Every refusal comes before the model loads and the (slow) sampling of pairs starts.
     out = check_output_dir(cfg.output_dir)
     output = out / PREFS_FILE
     check_results_absent(out, (PREFS_FILE,), cfg.overwrite)

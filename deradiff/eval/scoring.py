@@ -55,11 +55,9 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def standardized(features: dict[str, torch.Tensor], reference: str = "base") -> dict[str, torch.Tensor]:
-    """Every set scaled by the base model's per-dimension mean/std: KID's cubic kernel assumes O(1) features
-    (raw classifier activations gave KIDs of -1e6), and one shared scale keeps all KIDs of a run comparable.
+    """Every set scaled by the base model's per-dimension mean/std (raw activations have wildly different scales).
 
-    A dimension the base barely uses (a ReLU feature that is ~0 on every base image) gets a tenth of a typical
-    dimension's scale instead of its own: dividing by its ~0 std blew a strongly aligned model's KID up to 1e22."""
+    A dimension the base barely uses gets a tenth of a typical dimension's scale, not its ~0 std (docs/validation.md)."""
     ref = features[reference].double()
     if len(ref) > 1:
         spread = ref.std(0)

@@ -88,12 +88,10 @@ class DDPOSection:
         from deradiff.rewards import check_reward_name
 
         check_reward_name(self.reward, "ddpo.reward")
-        if self.beta < 0:
-            raise ConfigError(f"config key 'ddpo.beta' must be >= 0, got {self.beta}")
+        check_min(self, "ddpo.", {"beta": 0})
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"config key 'ddpo.timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
-        if self.inner_epochs < 1:
-            raise ConfigError(f"config key 'ddpo.inner_epochs' must be >= 1, got {self.inner_epochs}")
+        check_min(self, "ddpo.", {"inner_epochs": 1})
         check_positive(self, "ddpo.", ["clip_range", "adv_clip_max"])
         check_min(self, "ddpo.", {"stat_buffer_size": 0, "stat_min_count": 1, "log_images": 0})
         check_prompt_source(self.prompts, "ddpo.prompts")

@@ -1,9 +1,4 @@
-"""Build the tiny text-to-image model as real Stable Diffusion components.
-
-Sizes were chosen by measurement on 2 CPU cores: a 2-block VAE (32 px images -> 16x16x4 latents) and a
-~1M-parameter UNet with cross-attention only at 8x8 (attention at 16x16 costs 3-4x more per step), so the
-whole pretrain fits in a few minutes and 20-step sampling stays well under a second per image.
-"""
+"""Build the tiny text-to-image model as real Stable Diffusion components (why these sizes: docs/configs.md)."""
 
 from __future__ import annotations
 
@@ -20,8 +15,7 @@ TEXT_DIM = 32
 
 
 def build_vae(image_size: int = IMAGE_SIZE) -> AutoencoderKL:
-    """2 down blocks = latent scale factor 2 (32 px -> 16x16x4); 16x16x4 keeps a third of the pixels' values,
-    so a narrow VAE without mid-block attention reconstructs flat shapes well and trains ~5x faster."""
+    """Narrow 2-down-block VAE without mid-block attention: 32 px -> 16x16x4 latents (why: docs/configs.md)."""
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
