@@ -12,11 +12,11 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence
 
-from deradiff.config import check_file, check_min, config_to_dict, load_config, option
+from deradiff.config import check_file, check_min, config_to_dict, load_config, option, validated
 from deradiff.errors import ConfigError, DeradiffError
 from deradiff.fileio import check_output_dir, content_key, folder_digest, read_json, write_text_atomic
 from deradiff.training.checkpoint import FINAL_LORA, check_resume, weight_settings
@@ -25,7 +25,6 @@ from deradiff.training.lock import OutputDirLock
 
 
 REWARD_METHODS = ("ddpo", "reward_grad")  # beta in reward units: an oracle exists, the eval uses their sampler
-Config = TypeVar("Config")
 
 
 @dataclass
@@ -50,7 +49,8 @@ class StudyConfig:
               "compared with its optimum on the prompts it was trained on); null: each YAML's own prompts")
     group: str | None = option(None, "W&B group of every run of this study (null: study-<folder name>)")
     sweep_sizes: list[int] = option([3, 5, 10], "K values of the realign-vs-retrain savings table")
-    threads: int = option(0, "torch CPU threads for every stage (0: torch's default); 1 is far faster on small shared CPUs")
+    threads: int = option(0, "torch CPU threads for every stage (0: torch's default); shared cores: docs/benchmarks.md "
+                              "('CPU threads')")
     tracker: TrackerSection = option(factory=TrackerSection, help="tracking for every stage (overrides train/eval YAML)")
 
     def validate(self) -> None:
@@ -164,19 +164,6 @@ def eval_config(cfg: StudyConfig, anchor: str, retrained: Sequence[str]) -> Any:
     return validated(composed)
 
 
-def validated(config: Config) -> Config:
-    """`config` after the checks `load_config` runs on what it builds (every section's `validate`, innermost
-    first): the study changes loaded configs, and a value it sets must pass them as one typed by a user."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if is_dataclass(value):
-            validated(value)
-    check = getattr(config, "validate", None)
-    if callable(check):
-        check()
-    return config
-
-
 def study_group(cfg: StudyConfig) -> str:
     return cfg.group or f"study-{Path(cfg.output_dir).resolve().name}"
 
@@ -206,7 +193,8 @@ def train_stage(cfg: StudyConfig, beta: float, upstream: Sequence[str]) -> Stage
     key = {"method": cfg.method, "config": weight_settings(config_to_dict(tcfg)), "upstream": list(upstream)}
 
     def train() -> dict[str, Any]:
-        summary = trainer_spec(cfg.method).run(replace(tcfg, train=replace(tcfg.train, resume_from="latest")))
+        summary = trainer_spec(cfg.method).run(replace(tcfg, train=replace(tcfg.train, resume_from="latest")),
+                                               group=study_group(cfg), job_type="train")
         return {"lora_dir": str(summary["lora_dir"]), "beta": beta, "train_wall_s": summary.get("train_wall_s"),
                 "outputs": [str(summary["lora_dir"])]}
 
@@ -400,8 +388,8 @@ def run_study(cfg: StudyConfig) -> StudyResult:
 
 
 def preflight(cfg: StudyConfig) -> None:
-    """What a stage would refuse, checked before the first one runs (preference generation alone takes minutes):
-    every output folder, every stage's config, and whether each train folder's earlier run may be continued."""
+    """What a stage would refuse, checked before the first one runs: every output folder, every stage's config,
+    and whether each train folder's earlier run may be continued."""
     check_output_dir(cfg.output_dir)
     check_output_dir(prefs_path(cfg).parent, "the study's prefs folder")
     check_output_dir(Path(cfg.output_dir) / "stages", "the study's stages folder")
@@ -418,8 +406,6 @@ def run_stages(cfg: StudyConfig) -> tuple[list[StageRecord], list[StageRecord], 
     """(every stage's record, the train stages' records, the eval's results), finished stages skipped."""
     from tqdm.auto import tqdm
 
-    from deradiff.eval.tracking import wandb_group
-
     records: list[StageRecord] = []
     bar = tqdm(total=len(cfg.betas) + 3, desc="study", unit="stage")
     prefs = prefs_stage(cfg)
@@ -427,11 +413,10 @@ def run_stages(cfg: StudyConfig) -> tuple[list[StageRecord], list[StageRecord], 
     bar.update()
     upstream = [prefs.key] if prefs else []
     trains = []
-    with wandb_group(study_group(cfg), "train"):
-        for beta in [cfg.beta0, *cfg.betas]:
-            bar.set_postfix_str(f"train beta={beta:g}")
-            trains.append(train_stage(cfg, beta, upstream))
-            bar.update()
+    for beta in [cfg.beta0, *cfg.betas]:
+        bar.set_postfix_str(f"train beta={beta:g}")
+        trains.append(train_stage(cfg, beta, upstream))
+        bar.update()
     records += trains
     bar.set_postfix_str("eval")
     eval_record, results = eval_stage(cfg, trains[0], trains[1:])

@@ -13,6 +13,7 @@ import torch
 from deradiff import study
 from deradiff.config import load_config
 from deradiff.models.lora import attach_lora, save_lora
+from deradiff.models.pipelines import read_lora_metadata
 from deradiff.testing import tiny_sd_pipeline
 from deradiff.training.dpo import DPOConfig
 from deradiff.training.registry import TrainerSpec
@@ -64,14 +65,16 @@ def test_shipped_study_configs_load():
 def _fake_trainer(base_dir: Path):
     """Stands in for DPO: the LoRA moves the model along one fixed direction, by beta0/beta (weaker KL, further)."""
 
-    def run(cfg: DPOConfig) -> dict:
+    def run(cfg: DPOConfig, tracker=None, group=None, job_type=None) -> dict:
         pipe = tiny_sd_pipeline(seed=0)
         attach_lora(pipe.unet, rank=4)
         gen = torch.Generator().manual_seed(3)
         for name, param in pipe.unet.named_parameters():
             if "lora_B" in name:
                 param.data = torch.randn(param.shape, generator=gen) * 0.3 * BETA0 / cfg.dpo.beta
-        lora = save_lora(pipe.unet, Path(cfg.output_dir) / "lora", {"base_model": str(base_dir), "method": "dpo", "beta": cfg.dpo.beta})
+        meta = {"base_model": str(base_dir), "method": "dpo", "beta": cfg.dpo.beta, "wandb_group": group,
+                "job_type": job_type}
+        lora = save_lora(pipe.unet, Path(cfg.output_dir) / "lora", meta)
         return {"lora_dir": str(lora), "wall_s": 0.0}
 
     return TrainerSpec("dpo", DPOConfig, run, None, "fake")
@@ -118,6 +121,14 @@ def test_every_accounting_number_comes_from_the_stage_markers(finished_study):
         assert s["device_hours"] == pytest.approx(s["seconds"] / 3600)
     assert acc["train_seconds"] == [markers[f"train-dpo-beta{b:g}"]["seconds"] for b in (500, 250, 1000)]
     assert [r["K"] for r in acc["savings"]] == [3, 5, 10]
+
+
+def test_every_training_run_gets_the_studys_group_as_an_argument(finished_study):
+    """Was: the study set WANDB_RUN_GROUP / WANDB_JOB_TYPE around its train stages."""
+    _, first, _ = finished_study
+    for record in (r for r in first.stages if r.name.startswith("train-")):
+        meta = read_lora_metadata(record.result["lora_dir"])
+        assert (meta["wandb_group"], meta["job_type"]) == ("study-run", "train")
 
 
 def test_rerun_skips_every_stage(finished_study):

@@ -25,7 +25,7 @@ from deradiff.testing import save_random_lora, tiny_sd_pipeline
 from deradiff.training.tracking import RecordingTracker
 from deradiff.tuning.config import TuneConfig
 from deradiff.tuning.measure import weighted_kid
-from deradiff.tuning.sampling import sample_lambdas
+from deradiff.eval.generate import sample_lambdas
 from deradiff.tuning.search import dense_grid, refine_grid
 from deradiff.tuning.select import choose
 from deradiff.eval.plan import read_lora
@@ -261,6 +261,26 @@ def test_verify_needs_the_anchors_training_config_before_any_sampling(anchor, tm
     assert not (out / "tune.json").exists()
 
 
+def test_verify_sets_its_own_settings_on_the_loaded_config_and_checks_them(tmp_path):
+    """Was: the beta, folder, resume and overwrite went in as formatted key=value overrides."""
+    from deradiff.config import save_config
+    from deradiff.training.reward_grad import RewardGradConfig
+    from deradiff.tuning.verify import RetrainPlan, retrain_config
+
+    anchor = load_config(RewardGradConfig, None, [f"output_dir={tmp_path / 'anchor'}", "reward_grad.prompts=[red]",
+                                                  "reward_grad.beta=0.5", "tracker.backend=wandb"])
+    save_config(anchor, tmp_path / "train_config.yaml")
+    cfg = load_config(TuneConfig, None, [f"output_dir={tmp_path / 'tune'}", f"anchor_lora={tmp_path / 'anchor'}",
+                                         "maximize=vividness", "verify_overrides=[train.max_steps=7]", "overwrite=true",
+                                         "tracker.backend=none"])
+    plan = RetrainPlan("reward_grad", tmp_path / "train_config.yaml", tmp_path / "tune" / "verify")
+    got = retrain_config(cfg, plan, 0.25)
+    assert (got.output_dir, got.reward_grad.beta, got.reward_grad.prompts) == (str(plan.output_dir), 0.25, ["red"])
+    assert (got.train.max_steps, got.train.resume_from, got.train.overwrite, got.tracker) == (7, "latest", True, cfg.tracker)
+    with pytest.raises(ConfigError, match="reward_grad.beta"):  # checked as if typed by a user
+        retrain_config(cfg, plan, -1.0)
+
+
 @pytest.mark.slow  # ~15 s (two trainings, two tunes); verify's refusal without a config stays in the default suite
 def test_verify_trains_at_the_chosen_beta_and_compares_on_the_same_noise(tiny_base, tmp_path):
     from deradiff.models.pipelines import read_lora_metadata
@@ -285,6 +305,7 @@ def test_verify_trains_at_the_chosen_beta_and_compares_on_the_same_noise(tiny_ba
     verify = result.results["verify"]
     meta = read_lora_metadata(verify["lora_dir"])
     assert meta["beta"] == pytest.approx(1.0) and verify["beta"] == pytest.approx(1.0)  # beta0 / lambda* = 0.5 / 0.5
+    assert meta["wandb_group"] == "train-anchor"  # verify's run logs in the anchor's group (an argument, not env)
     rows = {m["metric"]: m for m in verify["metrics"]}
     assert set(rows) == {"vividness", "path_kl", "diversity", "kid", "kl_to_optimum", "objective"}
     chosen = next(r for r in result.results["rows"] if r["lambda"] == 0.5)

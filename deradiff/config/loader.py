@@ -74,6 +74,19 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: typi
     return _build(schema, raw, prefix="")
 
 
+def validated(config: T) -> T:
+    """`config` after the checks `load_config` runs on what it builds (every section's `validate`, innermost
+    first): for a loaded config a caller changed, so a value it sets must pass them as one typed by a user."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validated(value)
+    check = getattr(config, "validate", None)
+    if callable(check):
+        check()
+    return config
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict of a config (for logging, metadata and stage cache keys)."""
     return dataclasses.asdict(config)

@@ -6,12 +6,10 @@ The group and job type go to each eval run explicitly (`default_factory(group, j
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,23 +19,6 @@ from deradiff.training.config import TrackerSection
 from deradiff.training.tracking import Tracker, make_tracker
 
 TrackerFactory = Callable[[TrackerSection, str, str], Tracker]  # (section, output_dir, run name) -> tracker
-
-
-@contextlib.contextmanager
-def wandb_group(group: str, job_type: str) -> Iterator[None]:
-    """Set WANDB_RUN_GROUP / WANDB_JOB_TYPE for training runs started inside (a study's, a tune's verify),
-    restoring the previous values: a trainer's run function takes its config only, so the group cannot be
-    passed to its `Trainer(group=, job_type=)` from here."""
-    saved = {k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "WANDB_JOB_TYPE")}
-    os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_JOB_TYPE"] = group, job_type
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def default_factory(group: str, job_type: str) -> TrackerFactory:

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from deradiff.training.tracking import Tracker
 
 
-def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Train and save `output_dir/lora`; returns the run summary. `tracker` overrides the config's (tests)."""
+def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None, group: str | None = None,
+             job_type: str | None = None) -> dict[str, Any]:
+    """Train and save `output_dir/lora`; returns the run summary. `tracker` overrides the config's (tests);
+    `group`, `job_type`: the W&B run's (a study's, a tune's verify; None: the Trainer's defaults)."""
     from accelerate.utils import set_seed
 
     from deradiff.losses.ddpo import PerPromptStatTracker
@@ -42,7 +44,7 @@ def run_ddpo(cfg: DDPOConfig, tracker: Tracker | None = None) -> dict[str, Any]:
     accum = cfg.train.gradient_accumulation_steps * cfg.train_timesteps
     loop_cfg = dataclasses.replace(cfg.train, gradient_accumulation_steps=accum)
     trainer = Trainer(loop_cfg, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,
-                      tracker_override=tracker, sample_unit="sample_steps")
+                      tracker_override=tracker, sample_unit="sample_steps", group=group, job_type=job_type)
     set_seed(cfg.train.seed)
     reward_fn = get_reward(cfg.ddpo.reward, **cfg.ddpo.reward_options)  # fails fast (unknown name, missing weights) before any loading
     prompts = load_prompt_source(cfg.ddpo.prompts, "ddpo.prompts")

@@ -56,8 +56,10 @@ class DPOConfig(TrainerConfig):
     dpo: DPOSection = option(factory=DPOSection, help="DPO objective")
 
 
-def run_dpo(cfg: DPOConfig, tracker: Any = None) -> dict[str, Any]:
-    """Train one Diffusion-DPO LoRA; returns the run summary (also written to output_dir/summary.json)."""
+def run_dpo(cfg: DPOConfig, tracker: Any = None, group: str | None = None,
+            job_type: str | None = None) -> dict[str, Any]:
+    """Train one Diffusion-DPO LoRA; returns the run summary (also written to output_dir/summary.json). `group`,
+    `job_type`: the W&B run's (a study's, a tune's verify; None: the Trainer's defaults)."""
     import torch
     from accelerate.utils import set_seed
 
@@ -67,7 +69,7 @@ def run_dpo(cfg: DPOConfig, tracker: Any = None) -> dict[str, Any]:
     from deradiff.training.trainer import Trainer
 
     trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,
-                      tracker_override=tracker, sample_unit="pairs")
+                      tracker_override=tracker, sample_unit="pairs", group=group, job_type=job_type)
     set_seed(cfg.train.seed)
     base = resolve_base_model(cfg.model.pretrained)
     pipe, params = load_models(cfg, base, trainer)

@@ -6,8 +6,9 @@ A method registers itself at import of its module::
     from deradiff.training.registry import TrainerSpec, register_trainer
     register_trainer(TrainerSpec("ddpo", DDPOConfig, run_ddpo, "configs/tiny/ddpo.yaml", "KL-regularized DDPO"))
 
-and lists its module in `TRAINER_MODULES` below (a module not written yet is skipped). `run(config)`
-returns the summary dict. Keep module-level imports light (torch/diffusers inside `run` where possible)
+and lists its module in `TRAINER_MODULES` below (a module not written yet is skipped). `run(config,
+group=, job_type=)` returns the summary dict; the W&B group and job type go to its `Trainer` (None: the
+Trainer's defaults). Keep module-level imports light (torch/diffusers inside `run` where possible)
 so `deradiff --help` stays fast.
 """
 
@@ -15,16 +16,23 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Protocol
 
 TRAINER_MODULES = ("deradiff.training.dpo", "deradiff.training.ddpo", "deradiff.training.reward_grad")
+
+
+class RunFn(Protocol):
+    """A method's run function: `run_ddpo(cfg, tracker=None, group=None, job_type=None)`."""
+
+    def __call__(self, cfg: Any, tracker: Any = None, group: str | None = None,
+                 job_type: str | None = None) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
 class TrainerSpec:
     name: str
     schema: type
-    run: Callable[[Any], dict[str, Any]]
+    run: RunFn
     default_config: str | None
     help: str
 

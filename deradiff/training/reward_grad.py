@@ -7,7 +7,7 @@ through every step. With the reparameterized noise (x_{t-1} = mu + sigma * eps) 
 of -(E[r] - beta * KL(path)): the same objective and the same beta (reward units, the training sampler's path
 KL) as KL-regularized DDPO, so lambda = beta0 / beta realigns it the same way and the eval's oracle applies.
 It needs a differentiable reward and memory for the whole chain; in exchange it moves toward the optimum in
-far fewer steps than a policy gradient (on the tiny world: tens of steps, where DDPO's noise dominates).
+far fewer steps than a policy gradient (measured: docs/configs.md, `reward_grad.yaml`).
 
     deradiff train reward_grad --config configs/tiny/reward_grad.yaml reward_grad.beta=0.04
 """
@@ -121,8 +121,10 @@ class ChainLoss:
         return loss, {"reward_mean": float(reward.mean()), "kl": float(kl.mean()), "objective": float((reward - beta * kl).mean())}
 
 
-def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None) -> dict[str, Any]:
-    """Train and save `output_dir/lora`; returns the run summary. `tracker` overrides the config's (tests)."""
+def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None, group: str | None = None,
+                    job_type: str | None = None) -> dict[str, Any]:
+    """Train and save `output_dir/lora`; returns the run summary. `tracker` overrides the config's (tests);
+    `group`, `job_type`: the W&B run's (a study's, a tune's verify; None: the Trainer's defaults)."""
     from accelerate.utils import set_seed
 
     from deradiff.models.pipelines import resolve_base_model
@@ -132,7 +134,7 @@ def run_reward_grad(cfg: RewardGradConfig, tracker: "Tracker | None" = None) -> 
     from deradiff.training.trainer import Trainer
 
     trainer = Trainer(cfg.train, cfg.optim, cfg.tracker, cfg.output_dir, config=cfg,
-                      tracker_override=tracker, sample_unit="chains")
+                      tracker_override=tracker, sample_unit="chains", group=group, job_type=job_type)
     set_seed(cfg.train.seed)
     reward_fn = get_reward(cfg.reward_grad.reward, **cfg.reward_grad.reward_options)
     prompts = load_prompt_source(cfg.reward_grad.prompts, "reward_grad.prompts")

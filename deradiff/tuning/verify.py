@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deradiff.config import load_config
+from deradiff.config import load_config, validated
 from deradiff.errors import DeradiffError
 from deradiff.eval.generate import Loader, sample_variant
 from deradiff.eval.plan import LoraInfo
@@ -53,13 +53,15 @@ def prepare(cfg: TuneConfig, anchor: LoraInfo) -> RetrainPlan:
 
 
 def retrain_config(cfg: TuneConfig, plan: RetrainPlan, beta: float) -> Any:
-    """The anchor's config with the tune's overrides, the new beta, the verify folder, the tune's tracker. It
-    resumes an earlier verify run of the same settings (a rerun is free) and refuses another one unless the
-    tune overwrites."""
-    overrides = [*cfg.verify_overrides, f"output_dir={plan.output_dir}", f"{plan.method}.beta={beta!r}",
-                 "train.resume_from=latest", f"train.overwrite={str(cfg.overwrite).lower()}"]
-    loaded = load_config(trainer(plan.method).schema, plan.config_path, overrides)
-    return dataclasses.replace(loaded, tracker=cfg.tracker)
+    """The anchor's config with the tune's overrides, then the new beta, the verify folder and the tune's tracker
+    set on the loaded dataclasses. It resumes an earlier verify run of the same settings (a rerun is free) and
+    refuses another one unless the tune overwrites."""
+    # no key goes in as an override: the anchor's train_config.yaml is a whole saved config (output_dir included)
+    loaded = load_config(trainer(plan.method).schema, plan.config_path, cfg.verify_overrides)
+    objective = dataclasses.replace(getattr(loaded, plan.method), beta=beta)
+    train = dataclasses.replace(loaded.train, resume_from="latest", overwrite=cfg.overwrite)
+    return validated(dataclasses.replace(loaded, output_dir=str(plan.output_dir), train=train, tracker=cfg.tracker,
+                                         **{plan.method: objective}))
 
 
 def run_verify(cfg: TuneConfig, plan: RetrainPlan, choice: Choice, anchor: LoraInfo, base_model: str, loader: Loader,
@@ -69,11 +71,9 @@ def run_verify(cfg: TuneConfig, plan: RetrainPlan, choice: Choice, anchor: LoraI
         which = "the base model" if choice.lam == 0.0 else "the anchor itself"
         return {"beta": choice.beta, "skipped": f"lambda* = {choice.lam:g} is {which}: there is nothing to retrain"}
     from deradiff.eval.stage import resolve_device
-    from deradiff.eval.tracking import wandb_group
 
     print(f"tune: verify, training one LoRA at beta {choice.beta:.4g} with the anchor's config")
-    with wandb_group(group, "verify"):
-        summary = trainer(plan.method).run(retrain_config(cfg, plan, choice.beta))
+    summary = trainer(plan.method).run(retrain_config(cfg, plan, choice.beta), group=group, job_type="verify")
     pipe = loader(base_model, str(summary["lora_dir"]), resolve_device(cfg.device))
     variant = Variant("retrained", "retrained", str(summary["lora_dir"]), anchor.method, choice.beta)
     retrained = sample_variant(pipe, variant, search.jobs, search.settings, search.sampling.batch_size)
