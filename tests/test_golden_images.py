@@ -114,7 +114,7 @@ def test_eval_variant_images_and_path_kl(pipe_name, request):
 
 def test_tune_lambda_batch_images_and_path_kl(lora_sd_pipe):
     from deradiff.eval.generate import make_jobs
-    from deradiff.tuning.sampling import sample_lambdas
+    from deradiff.eval.generate import sample_lambdas
 
     out = sample_lambdas(lora_sd_pipe, [0.0, 0.5, 1.0, 2.0], make_jobs(PROMPTS, SEEDS), _eval_settings(), batch_size=8)
     _check("tune_sd", _digest(*[_images(v.images) for v in out.values()]), torch.stack([v.path_kl for v in out.values()]))

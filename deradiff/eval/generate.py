@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 
 from deradiff.eval.sampler import SampleSettings, sample
 from deradiff.eval.variants import TimedCall, Variant, base_call, model_call
+from deradiff.realignment.branches import Branches
+from deradiff.realignment.sweep import TrajectoryCall, TrajectoryLambdas
 from deradiff.sampling.guidance import ModelCall
 
 Job = tuple[str, int]  # (prompt, seed)
@@ -60,6 +62,38 @@ def sample_variant(pipe: Any, variant: Variant, jobs: Sequence[Job], settings: S
     return VariantSamples(torch.cat(images), torch.cat(kls), seconds)
 
 
+def sample_lambdas(pipe: Any, lambdas: Sequence[float], jobs: Sequence[Job], settings: SampleSettings, batch_size: int,
+                   on_batch: Callable[[int], Any] = lambda n: None, aligned_unet: Any = None) -> dict[float, VariantSamples]:
+    """Images and path KL of the anchor realigned to every lambda on every job (job order within each lambda), as
+    one batch of trajectories per chunk of jobs: row k follows lambda k, rows of one (prompt, seed) share their
+    branch evaluations while their inputs agree (the realign sweep's `TrajectoryLambdas`), and each row's
+    reference branch is the base prediction at that row's state, which gives its path KL.
+
+    `pipe` carries the anchor LoRA (or is the base, with `aligned_unet` the aligned model); it is not modified.
+    `batch_size` bounds the trajectories per call (at least one job's worth of lambdas); `on_batch(images)` after
+    each call. Seconds are the denoiser's own.
+    """
+    lambdas = list(lambdas)
+    per_call = max(1, batch_size // len(lambdas))
+    branches = Branches(pipe.unet, aligned_unet, settings.branches)
+    images: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
+    seconds = 0.0
+    for start in range(0, len(jobs), per_call):
+        chunk = jobs[start:start + per_call]
+        rows = TrajectoryLambdas([lam for lam in lambdas for _ in chunk], [g for _ in lambdas for g in range(len(chunk))])
+        model = TimedCall(TrajectoryCall(branches, rows))
+        out = sample(pipe, model, None, [p for _ in lambdas for p, _ in chunk], [s for _ in lambdas for _, s in chunk],
+                     settings)
+        images.append(out.images.unflatten(0, (len(lambdas), len(chunk))))
+        kls.append(out.path_kl.unflatten(0, (len(lambdas), len(chunk))))
+        seconds += model.seconds
+        on_batch(len(lambdas) * len(chunk))
+    all_images, all_kls = torch.cat(images, dim=1), torch.cat(kls, dim=1)
+    share = seconds / len(lambdas)  # one call served every lambda: each is billed an equal share
+    return {lam: VariantSamples(all_images[k], all_kls[k], share) for k, lam in enumerate(lambdas)}
+
+
 def warm_up(pipe: Any, jobs: Sequence[Job], settings: SampleSettings, call: ModelCall | None = None) -> None:
     """One untimed 1-step sample: a fresh pipeline's first UNet calls are slow (lazy init), which would
     otherwise be billed to whichever variant runs first and skew the compute accounting. `call`: the model to
@@ -78,12 +112,28 @@ def sample_all(
     for lora, group in itertools.groupby(variants, key=lambda v: v.lora):
         pipe = loader(base_model, lora, device)
         warm_up(pipe, jobs, settings)
+        group = list(group)
+        batched = _realigned_together(pipe, group, jobs, settings, batch_size, bar)
         for variant in group:
             bar.set_postfix_str(variant.name)
-            results[variant.name] = sample_variant(pipe, variant, jobs, settings, batch_size, bar.update)
+            results[variant.name] = batched.get(variant.name) or sample_variant(pipe, variant, jobs, settings, batch_size,
+                                                                                 bar.update)
         del pipe
     bar.close()
     return results
+
+
+def _realigned_together(pipe: Any, group: Sequence[Variant], jobs: Sequence[Job], settings: SampleSettings,
+                        batch_size: int, bar: Any) -> dict[str, VariantSamples]:
+    """The realigned variants of one LoRA sampled as one batch of trajectories (`batch_size` of them per call);
+    each is billed an equal share of the batch's time."""
+    realigned = [v for v in group if v.kind == "realigned"]
+    if len(realigned) < 2:
+        return {}
+    bar.set_postfix_str(f"{len(realigned)} realigned")
+    lambdas = list(dict.fromkeys(v.lam for v in realigned))
+    samples = sample_lambdas(pipe, lambdas, jobs, settings, batch_size, bar.update)
+    return {v.name: samples[v.lam] for v in realigned}
 
 
 def process_state() -> Any:

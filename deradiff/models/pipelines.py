@@ -17,7 +17,7 @@ from deradiff.errors import DeradiffError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_METADATA = "deradiff_metadata.json"  # written by deradiff.models.lora.save_lora
-LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # read by deradiff.realignment.api for the default beta
+LORA_METADATA_ATTR = "_deradiff_lora_metadata"  # what load_lora read; the default beta of realign and tune
 # Key prefixes of text-encoder LoRA layers: diffusers' format, then kohya's (lora_te_, lora_te1_, lora_te2_).
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -127,6 +127,12 @@ def load_lora(pipe: Any, lora_dir: str | Path, adapter_name: str | None = None) 
         )
     pipe.__dict__[LORA_METADATA_ATTR] = metadata
     return metadata
+
+
+def loaded_lora_beta(pipe: Any) -> float | None:
+    """The beta in the metadata of the LoRA `load_lora` put on `pipe` (None: no LoRA loaded, or no beta)."""
+    beta = (pipe.__dict__.get(LORA_METADATA_ATTR) or {}).get("beta")
+    return float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None
 
 
 def _lora_weight_file(folder: Path) -> str:

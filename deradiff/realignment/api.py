@@ -24,7 +24,7 @@ from torch import nn
 
 from deradiff.errors import DeradiffError
 from deradiff.models.lora import lora_layers
-from deradiff.models.pipelines import LORA_METADATA_ATTR
+from deradiff.models.pipelines import loaded_lora_beta
 from deradiff.realignment.branches import BranchMode, check_mode
 from deradiff.realignment.denoiser import RealignedDenoiser
 from deradiff.realignment.mixing import LambdaSpec, effective_beta
@@ -160,7 +160,7 @@ def realign(pipe: Any, lam: LambdaSpec = 0.5, aligned_unet: nn.Module | None = N
     _check_text_encoders(pipe)
     component = _denoiser_component(pipe)
     model = getattr(pipe, component)
-    handle = RealignHandle(pipe, component, model, beta if beta is not None else _metadata_beta(pipe))
+    handle = RealignHandle(pipe, component, model, beta if beta is not None else loaded_lora_beta(pipe))
     denoiser = RealignedDenoiser(model, lam, aligned_model=aligned_unet, branches=branches or "auto",
                                  on_step=handle._on_step, first_timestep=handle.first_timestep)
     denoiser.training = model.training
@@ -207,12 +207,6 @@ def _check_beta(beta: float | None) -> None:
     valid = isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0
     if beta is not None and not valid:
         raise DeradiffError(f"beta must be a positive number (the KL strength the LoRA was trained at), got {beta!r}")
-
-
-def _metadata_beta(pipe: Any) -> float | None:
-    meta = pipe.__dict__.get(LORA_METADATA_ATTR) or {}
-    beta = meta.get("beta")
-    return float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None
 
 
 def _num_steps(scheduler: Any) -> int:

@@ -70,7 +70,7 @@ def tune(pipe: Any, maximize: str | None = None, *, minimize: str | None = None,
     model's KL strength (default: its deradiff metadata), for the emulated beta*. search / sampling / bootstrap:
     mappings with the YAML sections' keys (e.g. {"num_lambdas": 16, "lambda_max": 3}).
     """
-    from deradiff.realignment.api import _metadata_beta
+    from deradiff.models.pipelines import loaded_lora_beta
     from deradiff.rewards import available_rewards
     from deradiff.tuning.stage import Search
 
@@ -83,7 +83,7 @@ def tune(pipe: Any, maximize: str | None = None, *, minimize: str | None = None,
         raise DeradiffError("tune(): bootstrap replicates must be >= 10: the choice reads intervals")
     sections = (_section(SearchSection, search, "search"), _section(SamplingSection, sampling, "sampling"),
                 _section(BootstrapSection, bootstrap, "bootstrap"))
-    beta0 = beta if beta is not None else _metadata_beta(pipe)
+    beta0 = beta if beta is not None else loaded_lora_beta(pipe)
     found = Search(sections, pipe, make_jobs(list(prompts), list(seeds)), _rewards(criterion.metrics(), rewards),
                    features, criterion, beta0, aligned_unet)
     choice, infeasible = found.run()

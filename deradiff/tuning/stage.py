@@ -176,7 +176,7 @@ class Search:
         return choice, infeasible
 
     def sample(self, lambdas: Sequence[float], name: str) -> None:
-        from deradiff.tuning.sampling import sample_lambdas
+        from deradiff.eval.generate import sample_lambdas
 
         print(f"tune: {name} pass, {len(lambdas)} lambdas from {min(lambdas):g} to {max(lambdas):g}, "
               f"{len(self.jobs)} images each")
