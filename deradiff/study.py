@@ -132,14 +132,14 @@ def prefs_path(cfg: StudyConfig) -> Path:
 
 
 # A stage config is the stage's YAML plus the user's overrides, then the study's own settings set on the loaded
-# dataclasses. Keys the schema requires (output_dir, anchor_lora, DPO's data.source) go in as overrides instead:
-# a YAML written for a study may leave them to it, and the loader refuses a config without them.
+# dataclasses. Keys the schema requires (output_dir, anchor_lora, DPO's data.source) are given to the loader as
+# values: a YAML written for a study may leave them to it, and the loader refuses a config without them.
 def train_config(cfg: StudyConfig, beta: float) -> Any:
     """The trainer config for one strength: its own folder, its beta, the study's prompts and tracker."""
-    required = [f"output_dir={Path(cfg.output_dir) / 'train' / f'beta{beta:g}'}"]
+    required = {"output_dir": str(Path(cfg.output_dir) / "train" / f"beta{beta:g}")}
     if cfg.method == "dpo" and cfg.make_prefs:
-        required.append(f"data.source={prefs_path(cfg)}")
-    loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, [*cfg.train_overrides, *required])
+        required["data.source"] = str(prefs_path(cfg))
+    loaded = load_config(trainer_spec(cfg.method).schema, cfg.train_config, cfg.train_overrides, required)
     objective = replace(getattr(loaded, cfg.method), beta=beta)
     if cfg.prompts is not None:
         objective = replace(objective, prompts=list(cfg.prompts))
@@ -151,8 +151,8 @@ def eval_config(cfg: StudyConfig, anchor: str, retrained: Sequence[str]) -> Any:
     training sampler (where lambda = beta0 / beta is exact and the oracle applies); so does reward_grad."""
     from deradiff.eval.config import EvalConfig
 
-    required = [f"output_dir={Path(cfg.output_dir) / 'eval'}", f"anchor_lora={anchor}"]
-    loaded = load_config(EvalConfig, cfg.eval_config, [*cfg.eval_overrides, *required])
+    required = {"output_dir": str(Path(cfg.output_dir) / "eval"), "anchor_lora": anchor}
+    loaded = load_config(EvalConfig, cfg.eval_config, cfg.eval_overrides, required)
     composed = replace(loaded, retrained_loras=list(retrained), overwrite=True, group=study_group(cfg),
                        tracker=cfg.tracker)
     if cfg.method in REWARD_METHODS:

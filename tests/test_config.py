@@ -101,3 +101,13 @@ def test_save_round_trip_and_describe(tmp_path):
 def test_option_requires_help():
     with pytest.raises(ValueError):
         option(1)
+
+
+def test_values_are_set_as_given_after_the_overrides():
+    """A caller composing a config passes Python values: a path that the key=value text form would read as YAML
+    (a mapping, a comment) stays the string it is, and values win over the user's overrides."""
+    odd = "runs/a: b #1"
+    cfg = load_config(Example, None, ["output_dir=user", "optim.lr=0.5"], {"output_dir": odd, "optim.lr": 0.25})
+    assert cfg.output_dir == odd and cfg.optim.lr == 0.25
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(Example, None, ["output_dir=o"], {"optim.lr": "fast"})

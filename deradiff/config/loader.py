@@ -62,14 +62,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Calla
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
-    """Build `schema` from a YAML file (optional) plus `key=value` overrides, validating everything."""
+def load_config(schema: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                values: typing.Mapping[str, Any] | None = None) -> T:
+    """Build `schema` from a YAML file (optional) plus `key=value` overrides (text, as a user types them), then
+    `values` (dotted key -> Python value, set as given: for a caller composing a config), validating everything."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
         _resolve_yaml_paths(schema, raw, Path(path).parent)
     for item in overrides:
         key, value = _parse_override(item)
+        _set_nested(raw, key.split("."), value)
+    for key, value in (values or {}).items():
         _set_nested(raw, key.split("."), value)
     return _build(schema, raw, prefix="")
 

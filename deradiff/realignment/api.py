@@ -10,8 +10,9 @@ pipeline's config; the denoiser counts steps from the timesteps it is called wit
 handle checks per-step schedules against the scheduler's number of steps. The one thing only the scheduler
 sees is the `eta` of each step, which decides whether the mixture is exact for DDIM: so `scheduler.step` gets
 an instance-level wrapper (removed on undo; diffusers has no hook for scheduler calls) that warns once for
-samplers where the mixture is an approximation. `guidance_rescale > 0` is refused while mixing (0 < lam != 1): the rescale is
-not linear, so mixing before it differs from mixing the two rescaled predictions the theory asks for.
+samplers where the mixture is an approximation. `guidance_rescale > 0` is refused while mixing (0 < lam != 1):
+the rescale is not linear, so mixing before it differs from mixing the two rescaled predictions the theory
+asks for.
 """
 
 from __future__ import annotations
