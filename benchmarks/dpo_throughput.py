@@ -182,7 +182,8 @@ def trainer_rate(base: str, data: str, args: argparse.Namespace, resolution: int
                  cache: bool) -> float:
     """Pairs/s of a whole `run_dpo` run (its rate includes the first step, which the ladder warms up)."""
     from deradiff.config import load_config
-    from deradiff.training.dpo import DPOConfig, run_dpo
+    from deradiff.training.config import DPOConfig
+    from deradiff.training.dpo import run_dpo
     from deradiff.training.tracking import RecordingTracker
 
     overrides = [f"output_dir={out}", f"data.source={data}", f"model.pretrained={base}", "tracker.backend=none",

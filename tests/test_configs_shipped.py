@@ -13,15 +13,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # File stem → schema. A new config kind must be added here, so no YAML goes unvalidated.
 SCHEMAS = {
-    "pretrain": "deradiff.world.pretrain:PretrainConfig",
-    "quality": "deradiff.cli.tiny:QualityConfig",
-    "prefs": "deradiff.cli.data:PrefsConfig",
-    "dpo": "deradiff.training.dpo:DPOConfig",
-    "ddpo": "deradiff.training.ddpo_config:DDPOConfig",
-    "reward_grad": "deradiff.training.reward_grad:RewardGradConfig",
-    "reward_grad_weak": "deradiff.training.reward_grad:RewardGradConfig",
+    "pretrain": "deradiff.world.config:PretrainConfig",
+    "quality": "deradiff.world.config:QualityConfig",
+    "prefs": "deradiff.data.config:PrefsConfig",
+    "dpo": "deradiff.training.config:DPOConfig",
+    "ddpo": "deradiff.training.config:DDPOConfig",
+    "reward_grad": "deradiff.training.config:RewardGradConfig",
+    "reward_grad_weak": "deradiff.training.config:RewardGradConfig",
     "tune": "deradiff.tuning.config:TuneConfig",
-    "realign": "deradiff.realignment.stage:RealignConfig",
+    "realign": "deradiff.realignment.config:RealignConfig",
     "eval": "deradiff.eval.config:EvalConfig",
     "study": "deradiff.study:StudyConfig",
     "study_dpo": "deradiff.study:StudyConfig",

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from deradiff.config import load_config
 from deradiff.errors import ConfigError, DeradiffError
 from deradiff.models.pipelines import read_lora_metadata
+from deradiff.training.config import DDPOConfig
 from deradiff.training.ddpo import load_prompt_source, run_ddpo
-from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.tracking import RecordingTracker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from deradiff.sampling.conditions import encode
 from deradiff.sampling.ddim import ddim_scheduler
 from deradiff.sampling.latents import decode
 from deradiff.sampling.rollout import sample_with_logprob
+from deradiff.training.config import DDPOConfig
 from deradiff.training.ddpo import run_ddpo
-from deradiff.training.ddpo_config import DDPOConfig
 from deradiff.training.tracking import RecordingTracker
 
 pytestmark = pytest.mark.slow  # ~45 s on 2 cores (two trainings): CI runs it with the slow tests

@@ -10,7 +10,8 @@ import torch
 
 from deradiff.config import load_config
 from deradiff.errors import DeradiffError
-from deradiff.training.dpo import DPOConfig, run_dpo
+from deradiff.training.config import DPOConfig
+from deradiff.training.dpo import run_dpo
 from deradiff.training.tracking import RecordingTracker
 from deradiff.testing import save_tiny_base, write_pairs
 

@@ -32,7 +32,8 @@ def _sample(lora_dir, prompts, seed=123):
 
 def test_dpo_raises_reward_and_smaller_beta_moves_further(tmp_path):
     from deradiff.rewards import get_reward
-    from deradiff.training.dpo import DPOConfig, run_dpo
+    from deradiff.training.config import DPOConfig
+    from deradiff.training.dpo import run_dpo
     from deradiff.training.tracking import RecordingTracker
 
     prefs = tmp_path / "prefs.parquet"

@@ -15,7 +15,8 @@ import deradiff
 from deradiff.config import load_config
 from deradiff.models.pipelines import load_lora, load_pipeline
 from deradiff.testing import save_tiny_base, write_pairs
-from deradiff.training.dpo import DPOConfig, run_dpo
+from deradiff.training.config import DPOConfig
+from deradiff.training.dpo import run_dpo
 from deradiff.training.tracking import RecordingTracker
 
 pytestmark = [pytest.mark.gpu,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from deradiff import cli
 from deradiff.config import load_config
-from deradiff.realignment.stage import RealignConfig
+from deradiff.realignment.config import RealignConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from deradiff import study
 from deradiff.config import SEED_MAX, load_config, save_config
 from deradiff.errors import ConfigError
 from deradiff.eval.config import EvalConfig
-from deradiff.training.ddpo_config import DDPOConfig
+from deradiff.training.config import DDPOConfig
 from test_bad_input import assert_one_line_error
 from test_reliability_helpers import files_under, run_cli
 
@@ -210,9 +210,8 @@ RANGE_CASES = [
 
 
 def _schema(name: str) -> tuple[type, list[str]]:
-    from deradiff.cli.data import PrefsConfig
-    from deradiff.cli.tiny import QualityConfig
-    from deradiff.world.pretrain_config import PretrainConfig
+    from deradiff.data.config import PrefsConfig
+    from deradiff.world.config import PretrainConfig, QualityConfig
 
     return {"ddpo": (DDPOConfig, DDPO), "eval": (EvalConfig, EVAL), "pretrain": (PretrainConfig, []),
             "quality": (QualityConfig, []), "prefs": (PrefsConfig, []),

@@ -13,7 +13,8 @@ from deradiff.models.lora import attach_lora
 from deradiff.models.pipelines import read_lora_metadata
 from deradiff.rewards import get_reward
 from deradiff.testing import tiny_sd_pipeline
-from deradiff.training.reward_grad import ChainLoss, RewardGradConfig, run_reward_grad
+from deradiff.training.config import RewardGradConfig
+from deradiff.training.reward_grad import ChainLoss, run_reward_grad
 from deradiff.training.trainer import read_history
 
 ROOT = Path(__file__).resolve().parents[1]

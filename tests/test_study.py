@@ -15,7 +15,7 @@ from deradiff.config import load_config
 from deradiff.models.lora import attach_lora, save_lora
 from deradiff.models.pipelines import read_lora_metadata
 from deradiff.testing import tiny_sd_pipeline
-from deradiff.training.dpo import DPOConfig
+from deradiff.training.config import DPOConfig
 from deradiff.training.registry import TrainerSpec
 
 BETA0 = 500.0

@@ -264,7 +264,7 @@ def test_verify_needs_the_anchors_training_config_before_any_sampling(anchor, tm
 def test_verify_sets_its_own_settings_on_the_loaded_config_and_checks_them(tmp_path):
     """Was: the beta, folder, resume and overwrite went in as formatted key=value overrides."""
     from deradiff.config import save_config
-    from deradiff.training.reward_grad import RewardGradConfig
+    from deradiff.training.config import RewardGradConfig
     from deradiff.tuning.verify import RetrainPlan, retrain_config
 
     anchor = load_config(RewardGradConfig, None, [f"output_dir={tmp_path / 'anchor'}", "reward_grad.prompts=[red]",
@@ -284,7 +284,8 @@ def test_verify_sets_its_own_settings_on_the_loaded_config_and_checks_them(tmp_p
 @pytest.mark.slow  # ~15 s (two trainings, two tunes); verify's refusal without a config stays in the default suite
 def test_verify_trains_at_the_chosen_beta_and_compares_on_the_same_noise(tiny_base, tmp_path):
     from deradiff.models.pipelines import read_lora_metadata
-    from deradiff.training.reward_grad import RewardGradConfig, run_reward_grad
+    from deradiff.training.config import RewardGradConfig
+    from deradiff.training.reward_grad import run_reward_grad
 
     train = load_config(RewardGradConfig, None, [
         f"output_dir={tmp_path / 'anchor'}", f"model.pretrained={tiny_base}", "reward_grad.prompts=[red, blue]",

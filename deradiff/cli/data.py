@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 
 from deradiff.cli.common import add_config_arguments, config_from_args
-from deradiff.config import option
-from deradiff.data.config import PrefsSection  # light module: dataclasses only at import
+from deradiff.data.config import PrefsConfig  # light module: dataclasses only at import
 from deradiff.training.lock import OutputDirLock
 
 
 PREFS_FILE = "train.parquet"
-
-
-@dataclass
-class PrefsConfig:
-    """Where to write the pairs and how to make them."""
-
-    output_dir: str = option("outputs/tiny/prefs", "folder for train.parquet (Pick-a-Pic columns; relative: to the "
-                                                    "current directory)")
-    base_model: str = option("tiny", "model that samples the pairs: 'tiny' or a diffusers folder")
-    generate: PrefsSection = option(factory=PrefsSection, help="sampling and labelling")
-    overwrite: bool = option(False, "replace an existing output_dir/train.parquet instead of refusing")
-
-    def validate(self) -> None:
-        self.generate.check("generate.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from deradiff.cli.common import add_config_arguments, config_from_args
-from deradiff.realignment.stage import RealignConfig
+from deradiff.realignment.config import RealignConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

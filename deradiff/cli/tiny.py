@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from deradiff.cli.common import add_config_arguments, config_from_args
-from deradiff.config import check_min, check_seed, option, save_config
+from deradiff.config import save_config
 from deradiff.errors import DeradiffError
+from deradiff.world.config import QualityConfig
 
 DEFAULT_PRETRAIN_CONFIG = "configs/tiny/pretrain.yaml"
 
 
-@dataclass
-class QualityConfig:
-    output_dir: str = option("outputs/tiny-quality", "where quality.json is written (relative: to the current directory)")
-    model_dir: str = option("", "tiny pipeline to measure (default: the shipped deradiff/world/assets/tiny-sd)")
-    classifier_dir: str = option("", "folder holding classifier.safetensors/.json (default: the shipped one)")
-    split: Literal["eval", "train"] = option("eval", "prompt split to sample: eval (held-out) or train")
-    num_images: int = option(56, "images generated, cycling through the split's prompts")
-    seed: int = option(0, "image i is sampled with seed + i")
-    num_inference_steps: int = option(20, "denoising steps per image")
-    guidance_scale: float = option(4.0, "classifier-free guidance scale")
-    batch_size: int = option(16, "images per pipeline call")
-
-    def validate(self) -> None:
-        check_min(self, "", {"num_images": 1, "num_inference_steps": 1, "guidance_scale": 0, "batch_size": 1})
-        check_seed(self.seed, "seed", count=self.num_images)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `tiny` with its `pretrain` and `quality` subcommands."""
-    from deradiff.world.pretrain_config import PretrainConfig
+    from deradiff.world.config import PretrainConfig
 
     tiny = subparsers.add_parser("tiny", help="the embedded tiny world: pretrain its model, measure quality")
     sub = tiny.add_subparsers(dest="tiny_command", metavar="SUBCOMMAND", required=True)
@@ -47,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from deradiff.world.pretrain import PretrainConfig, run_pretrain
+    from deradiff.world.config import PretrainConfig
+    from deradiff.world.pretrain import run_pretrain
 
     cfg = config_from_args(PretrainConfig, args)
     summary = run_pretrain(cfg)

@@ -1,7 +1,8 @@
 """`deradiff train <method>`: one subcommand per registered trainer (see deradiff.training.registry).
 
-To add a method, register it in its own module (e.g. `deradiff/training/ddpo.py`) and list that module in
-`deradiff.training.registry.TRAINER_MODULES`; nothing here changes.
+To add a method, write its config schema in `deradiff/training/config.py`, register it in its own module
+(e.g. `deradiff/training/ddpo.py`) and list that module in `deradiff.training.registry.TRAINER_MODULES`;
+nothing here changes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Config sections of the preference data (`data.generate` in a DPO config, `generate` in `deradiff data prefs`).
+"""Config schemas of the preference data: `PrefsSection` (`data.generate` in a DPO config, `generate` in
+`deradiff data prefs`) and `PrefsConfig` (the whole `deradiff data prefs` config).
 
 Light to import (dataclasses only; the reward registry loads inside `check`): `deradiff data --help` builds
 its options from these classes.
@@ -33,3 +34,17 @@ class PrefsSection:
         check_seed(self.seed, f"{prefix}seed")
         check_min(self, prefix, {"pairs_per_prompt": 1, "num_inference_steps": 1, "guidance_scale": 0})
         check_positive(self, prefix, ["temperature"])
+
+
+@dataclass
+class PrefsConfig:
+    """Where to write the pairs and how to make them."""
+
+    output_dir: str = option("outputs/tiny/prefs", "folder for train.parquet (Pick-a-Pic columns; relative: to the "
+                                                    "current directory)")
+    base_model: str = option("tiny", "model that samples the pairs: 'tiny' or a diffusers folder")
+    generate: PrefsSection = option(factory=PrefsSection, help="sampling and labelling")
+    overwrite: bool = option(False, "replace an existing output_dir/train.parquet instead of refusing")
+
+    def validate(self) -> None:
+        self.generate.check("generate.")

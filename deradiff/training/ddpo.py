@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from deradiff.errors import DeradiffError
 from deradiff.fileio import read_prompt_file
-from deradiff.training.ddpo_config import DDPOConfig
+from deradiff.training.config import DDPOConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
 
 if TYPE_CHECKING:

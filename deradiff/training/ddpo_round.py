@@ -26,7 +26,7 @@ from deradiff.sampling.ddim import ddim_scheduler, ddim_transition
 from deradiff.sampling.guidance import guided, unet_call
 from deradiff.sampling.latents import decode, latent_shape
 from deradiff.sampling.rollout import Trajectory, sample_with_logprob
-from deradiff.training.ddpo_config import DDPOConfig
+from deradiff.training.config import DDPOConfig
 from deradiff.training.determinism import step_generator
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]

@@ -9,51 +9,10 @@ is the shared `deradiff.training.trainer.Trainer`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from deradiff.config import option
-from deradiff.data.config import PrefsSection
-from deradiff.errors import ConfigError
-from deradiff.training.config import TrainerConfig
+from deradiff.training.config import DPOConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
-
-
-@dataclass
-class DataSection:
-    """Where the preference pairs come from and how they are encoded."""
-
-    source: str = option(help="parquet file/folder, saved arrow folder, or hub dataset with the Pick-a-Pic schema")
-    split: str = option("train", "dataset split (hub / DatasetDict sources)")
-    max_pairs: int | None = option(None, "use at most this many pairs (after dropping ties)")
-    cache_latents: bool = option(True, "encode VAE latents + text embeddings once to disk and train from the cache")
-    cache_dir: str | None = option(None, "cache folder (default: .deradiff-cache next to the data)")
-    encode_batch_size: int = option(16, "rows per VAE/text-encoder batch while caching")
-    generate: PrefsSection = option(factory=PrefsSection, help="tiny-world generation if `source` is missing")
-    generate_if_missing: bool = option(False, "generate `source` with the tiny-world recipe when it does not exist")
-
-    def validate(self) -> None:
-        self.generate.check("data.generate.")
-
-
-@dataclass
-class DPOSection:
-    """The Diffusion-DPO objective."""
-
-    beta: float = option(5000.0, "KL strength (paper convention with the 1/2 explicit; diffusers' beta_dpo 2500 = 5000 here)")
-    loss_type: Literal["sigmoid", "hinge"] = option("sigmoid", "sigmoid: DPO; hinge: SLiC-style relu(1 - margin)")
-
-    def validate(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"config key 'dpo.beta' must be > 0, got {self.beta}")
-
-
-@dataclass(kw_only=True)
-class DPOConfig(TrainerConfig):
-    """`deradiff train dpo`: one LoRA at one beta."""
-
-    data: DataSection = option(help="preference data")
-    dpo: DPOSection = option(factory=DPOSection, help="DPO objective")
 
 
 def run_dpo(cfg: DPOConfig, tracker: Any = None, group: str | None = None,

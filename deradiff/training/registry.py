@@ -1,8 +1,10 @@
 """Trainer name → (config schema, run function), so `deradiff train <name>` needs no edit per method.
 
-A method registers itself at import of its module::
+A method registers itself at import of its module (its config schema lives with every trainer's in
+`deradiff/training/config.py`)::
 
     # deradiff/training/ddpo.py
+    from deradiff.training.config import DDPOConfig
     from deradiff.training.registry import TrainerSpec, register_trainer
     register_trainer(TrainerSpec("ddpo", DDPOConfig, run_ddpo, "configs/tiny/ddpo.yaml", "KL-regularized DDPO"))
 

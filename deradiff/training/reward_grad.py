@@ -14,13 +14,9 @@ far fewer steps than a policy gradient (measured: docs/configs.md, `reward_grad.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from deradiff.config import check_prompt_source, option
-from deradiff.errors import ConfigError
-from deradiff.training.config import TrainerConfig
-from deradiff.training.ddpo_config import BETA_HELP, ChainSection
+from deradiff.training.config import RewardGradConfig
 from deradiff.training.registry import TrainerSpec, register_trainer
 
 if TYPE_CHECKING:
@@ -28,37 +24,6 @@ if TYPE_CHECKING:
 
     from deradiff.sampling.conditions import Conditions
     from deradiff.training.tracking import Tracker
-
-
-@dataclass
-class RewardGradSection:
-    """The objective E[reward] - beta * KL, differentiated through the sampling chain."""
-
-    reward: str = option("vividness", "a differentiable reward from deradiff.rewards (e.g. vividness)")
-    reward_options: dict[str, Any] = option({}, "keyword arguments for the reward")
-    prompts: str | list[str] = option(
-        "world:train", "prompt source: 'world:train' / 'world:eval' (tiny world), a .txt file (one per line), or a list",
-        relative_to_yaml=True)
-    beta: float = option(0.0, BETA_HELP)
-
-    def validate(self) -> None:
-        from deradiff.rewards import check_reward_name, is_differentiable
-
-        check_prompt_source(self.prompts, "reward_grad.prompts")
-        check_reward_name(self.reward, "reward_grad.reward")
-        if not is_differentiable(self.reward):
-            raise ConfigError(f"config key 'reward_grad.reward': '{self.reward}' is not differentiable "
-                              "(reward_grad backpropagates through it); use ddpo for this reward")
-        if self.beta < 0:
-            raise ConfigError(f"config key 'reward_grad.beta' must be >= 0, got {self.beta}")
-
-
-@dataclass(kw_only=True)
-class RewardGradConfig(TrainerConfig):
-    """`deradiff train reward_grad`: train.micro_batch_size chains per micro-batch, each backpropagated whole."""
-
-    sample: ChainSection = option(factory=ChainSection, help="the DDIM sampler whose chains are trained on")
-    reward_grad: RewardGradSection = option(factory=RewardGradSection, help="objective: reward and beta")
 
 
 class ChainLoss:

@@ -1,9 +1,11 @@
-"""The `deradiff tiny pretrain` config, apart from the training code so the CLI can describe it without
+"""The tiny world's config schemas: `deradiff tiny pretrain` (`PretrainConfig` and its stages) and
+`deradiff tiny quality` (`QualityConfig`), apart from the training code so the CLI can describe them without
 importing diffusers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from deradiff.config import check_min, check_positive, check_seed, option
 from deradiff.errors import ConfigError
@@ -75,3 +77,22 @@ class PretrainConfig:
     def validate(self) -> None:
         check_seed(self.seed, "seed", count=2)  # the classifier is evaluated with seed + 1
         check_min(self, "", {"threads": 0, "quality_images": 0})
+
+
+@dataclass
+class QualityConfig:
+    """`deradiff tiny quality`: how many images of which prompt split to sample and judge with the classifier."""
+
+    output_dir: str = option("outputs/tiny-quality", "where quality.json is written (relative: to the current directory)")
+    model_dir: str = option("", "tiny pipeline to measure (default: the shipped deradiff/world/assets/tiny-sd)")
+    classifier_dir: str = option("", "folder holding classifier.safetensors/.json (default: the shipped one)")
+    split: Literal["eval", "train"] = option("eval", "prompt split to sample: eval (held-out) or train")
+    num_images: int = option(56, "images generated, cycling through the split's prompts")
+    seed: int = option(0, "image i is sampled with seed + i")
+    num_inference_steps: int = option(20, "denoising steps per image")
+    guidance_scale: float = option(4.0, "classifier-free guidance scale")
+    batch_size: int = option(16, "images per pipeline call")
+
+    def validate(self) -> None:
+        check_min(self, "", {"num_images": 1, "num_inference_steps": 1, "guidance_scale": 0, "batch_size": 1})
+        check_seed(self.seed, "seed", count=self.num_images)
