@@ -21,7 +21,7 @@ from deradiff.errors import ConfigError, DeradiffError
 from deradiff.fileio import check_output_dir, content_key, folder_digest, read_json, write_text_atomic
 from deradiff.training.checkpoint import FINAL_LORA, check_resume, weight_settings
 from deradiff.training.config import TrackerSection
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 
 
 REWARD_METHODS = ("ddpo", "reward_grad")  # beta in reward units: an oracle exists, the eval uses their sampler

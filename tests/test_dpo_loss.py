@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from deradiff.eval.metrics import per_sample_mse
+from deradiff.losses.dpo import per_sample_mse
 from deradiff.losses.dpo import diffusion_dpo_loss
 from deradiff.training.dpo_step import regression_target
 

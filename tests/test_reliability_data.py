@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deradiff.errors import DeradiffError
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 from test_bad_input import assert_one_line_error
 from test_reliability_helpers import files_under, run_cli, tiny_assets
 

@@ -104,7 +104,7 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_sampling(loras,
 
 
 def test_an_eval_refused_by_the_lock_samples_and_logs_nothing(loras, tmp_path):
-    from deradiff.training.lock import OutputDirLock
+    from deradiff.lock import OutputDirLock
 
     out = tmp_path / "out"
     with OutputDirLock(out), pytest.raises(DeradiffError, match="in use by another run"):

@@ -289,7 +289,7 @@ def test_a_lora_folder_that_cannot_load_is_refused_before_the_base_model_loads(w
 # --- 6. the realign CLI's output folder ------------------------------------------------------------------
 def test_a_second_run_into_a_locked_folder_is_refused_with_the_owner_named(world, tmp_path, capsys):
     """Was: two concurrent runs into one folder both succeeded and mixed their images."""
-    from deradiff.training.lock import OutputDirLock
+    from deradiff.lock import OutputDirLock
 
     out = tmp_path / "samples"
     with OutputDirLock(out):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from deradiff.training.checkpoint import list_checkpoints, resolve_resume
-from deradiff.training.lock import LOCK_NAME
+from deradiff.lock import LOCK_NAME
 from test_reliability_helpers import lora_tensors, max_abs_diff, run_cli, tiny_assets, train_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -224,7 +224,7 @@ def test_a_run_refused_by_the_lock_creates_no_w_and_b_run(finished, tmp_path, ca
     """Another live run (here: this process's own lock) holds the output folder: refused, and nothing logged."""
     import os
 
-    from deradiff.training.lock import OutputDirLock
+    from deradiff.lock import OutputDirLock
 
     assets, _ = finished
     out = tmp_path / "run"
@@ -304,7 +304,7 @@ def test_a_resume_with_no_step_left_keeps_the_final_metrics(finished, capsys):
 
 def test_a_folder_made_only_for_the_lock_is_removed_when_the_run_leaves_it_empty(tmp_path):
     """Was: a run stopped on bad input (a damaged cache, a missing model) left an empty output folder."""
-    from deradiff.training.lock import OutputDirLock
+    from deradiff.lock import OutputDirLock
 
     with pytest.raises(RuntimeError):
         with OutputDirLock(tmp_path / "new"):

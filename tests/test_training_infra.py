@@ -17,7 +17,7 @@ from deradiff.models.pipelines import read_lora_metadata
 from deradiff.testing import tiny_sd_pipeline
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
 from deradiff.training.determinism import global_micro_batch, rank_micro_batch, step_generator
-from deradiff.training.lock import LOCK_NAME, OutputDirLock
+from deradiff.lock import LOCK_NAME, OutputDirLock
 from deradiff.training.tracking import RecordingTracker
 from deradiff.training.trainer import NonFiniteLossError, Trainer, read_history
 
@@ -128,7 +128,7 @@ def test_non_finite_loss_names_the_step(tmp_path):
 
 HOLD_LOCK = """
 import sys
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 lock = OutputDirLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

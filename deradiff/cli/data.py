@@ -7,7 +7,7 @@ import json
 
 from deradiff.cli.common import add_config_arguments, config_from_args
 from deradiff.data.config import PrefsConfig  # light module: dataclasses only at import
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 
 
 PREFS_FILE = "train.parquet"

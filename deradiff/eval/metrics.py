@@ -11,14 +11,7 @@ from typing import Sequence
 
 import torch
 
-
-def per_sample_mse(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Mean squared error over every non-batch dim, computed in `dtype`: FloatTensor[B]. Same-seed realigned
-    vs retrained images should nearly coincide, so the eval sums in fp64 (tiny differences survive); the DPO
-    loss passes fp32, its training precision."""
-    if a.shape != b.shape:
-        raise ValueError(f"batches differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return (a.to(dtype) - b.to(dtype)).pow(2).flatten(1).mean(1).float()
+from deradiff.losses.dpo import per_sample_mse
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:

@@ -12,6 +12,7 @@ from deradiff.eval import metrics
 from deradiff.eval.generate import Job, VariantSamples
 from deradiff.eval.plan import target_of
 from deradiff.eval.variants import Variant
+from deradiff.losses.dpo import per_sample_mse
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -81,7 +82,7 @@ def variant_row(variant: Variant, samples: VariantSamples, per_sample: dict[str,
 
 def pair_metrics(samples: VariantSamples, other: VariantSamples, features: dict[str, torch.Tensor] | None, a: str, b: str) -> dict[str, float]:
     """Same-seed image distance (MSE/PSNR) and distribution distance (KID) between two models' samples."""
-    mse = metrics.per_sample_mse(samples.images, other.images)
+    mse = per_sample_mse(samples.images, other.images)
     psnr = metrics.psnr(samples.images, other.images)
     out = {"mse": float(mse.mean()), "psnr": float(psnr[torch.isfinite(psnr)].mean()) if torch.isfinite(psnr).any() else math.inf}
     paired = features is not None and len(features[a]) > 1

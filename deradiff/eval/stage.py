@@ -23,7 +23,7 @@ from deradiff.eval.sampler import SampleSettings
 from deradiff.eval.scoring import FeatureFn, RewardFn, approximation_errors, classifier_features, error_summary, pixel_features, reward_key, score
 from deradiff.eval.tracking import log_eval
 from deradiff.eval.variants import Variant
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 from deradiff.training.tracking import retire_runs
 
 RESULTS = "results.json"

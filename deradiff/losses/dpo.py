@@ -23,9 +23,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from deradiff.eval.metrics import per_sample_mse
 
 LossType = Literal["sigmoid", "hinge"]
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Mean squared error over every non-batch dim, computed in `dtype`: FloatTensor[B]. Same-seed realigned
+    vs retrained images should nearly coincide, so the eval sums in fp64 (tiny differences survive); the DPO
+    loss passes fp32, its training precision."""
+    if a.shape != b.shape:
+        raise ValueError(f"batches differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (a.to(dtype) - b.to(dtype)).pow(2).flatten(1).mean(1).float()
 
 
 @dataclass

@@ -30,7 +30,7 @@ from deradiff.errors import DeradiffError
 from deradiff.fileio import (atomic_path, check_output_dir, check_results_absent, read_prompt_file, remove_outputs,
                              write_error, write_text_atomic)
 from deradiff.realignment.config import RealignConfig
-from deradiff.training.lock import LOCK_NAME, OutputDirLock
+from deradiff.lock import LOCK_NAME, OutputDirLock
 
 # What a run writes into output_dir, in the order overwrite removes it: manifests first, so an interrupted
 # removal never leaves a manifest describing images that are gone or stale.

@@ -37,7 +37,7 @@ from deradiff.training.checkpoint import (
     FINAL_LORA, TRAIN_CONFIG, check_fresh_start, check_resume, load_checkpoint, save_checkpoint, weight_settings,
 )
 from deradiff.training.config import OptimSection, TrackerSection, TrainSection
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 from deradiff.training.tracking import Tracker, make_tracker, retire_runs
 
 MicroLossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]

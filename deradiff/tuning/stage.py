@@ -33,7 +33,7 @@ from deradiff.eval.variants import Variant
 from deradiff.sampling.guidance import unet_call
 from deradiff.fileio import atomic_path, check_output_dir, check_results_absent, read_json, remove_outputs, write_text_atomic
 from deradiff.realignment.mixing import effective_beta
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 from deradiff.training.tracking import retire_runs
 from deradiff.tuning import measure
 from deradiff.tuning.config import SearchSection, TuneConfig, rewards_in, uses_oracle

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from deradiff.config import save_config
 from deradiff.fileio import check_output_dir, check_results_absent, remove_outputs
-from deradiff.training.lock import OutputDirLock
+from deradiff.lock import OutputDirLock
 from deradiff.world.classifier import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, save_classifier, train_classifier
 from deradiff.world.config import PretrainConfig, UnetTrainConfig, VaeTrainConfig
 from deradiff.world.model import (assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae,
