@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
         from deradiff.tuning.api import tune
 
         return tune
-    if name in ("world", "rewards", "config"):
+    if name in ("world", "rewards", "config", "models"):
         import importlib
 
         return importlib.import_module(f"deradiff.{name}")

@@ -106,7 +106,7 @@ def test_saved_lora_is_readable_like_any_file_the_user_writes(tmp_path, lora_sd_
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(out) == mode(tmp_path / "plain") == 0o755
     assert {f.name: mode(f) for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
-    assert sorted(f.name for f in out.iterdir()) == ["deradiff_metadata.json", "pytorch_lora_weights.safetensors"]
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "deradiff_metadata.json", "pytorch_lora_weights.safetensors"]
 
 
 def test_atomic_writes_and_cache_shards_follow_the_umask(tmp_path):

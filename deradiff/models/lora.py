@@ -25,6 +25,7 @@ from peft.utils import get_peft_model_state_dict
 
 from deradiff.errors import DeradiffError
 from deradiff.fileio import match_umask, replace_dir
+from deradiff.models.card import CARD_NAME, model_card
 from deradiff.models.pipelines import LORA_METADATA, LORA_WEIGHTS
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -151,7 +152,7 @@ def save_lora(
     metadata: dict[str, Any],
     pipeline_cls: type | None = None,
 ) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` + `deradiff_metadata.json` atomically.
+    """Write `out_dir/pytorch_lora_weights.safetensors` + `deradiff_metadata.json` + a model card atomically.
 
     Written into a sibling temp dir, then renamed over `out_dir`: a crash mid-save never leaves a
     half-written LoRA where a loader (or a resumed run) would pick it up. `metadata` should carry
@@ -180,6 +181,7 @@ def save_lora(
             "pipeline_class": pipeline_cls.__name__,
         }
         (tmp / LORA_METADATA).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        (tmp / CARD_NAME).write_text(model_card(full))
         match_umask(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
