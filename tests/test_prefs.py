@@ -21,3 +21,16 @@ def test_generation_writes_labelled_pairs_and_shows_progress(tmp_path, capsys):
     assert all(a + b == 1 for a, b in zip(table["label_0"], table["label_1"]))
     err = capsys.readouterr().err
     assert "prefs: 100%" in err and "4/4" in err
+
+
+def test_the_prefs_command_samples_on_the_configured_device(tmp_path, monkeypatch):
+    """Was: `deradiff data prefs` always sampled on the CPU."""
+    import deradiff.data.prefs as prefs
+    from deradiff.cli import main
+
+    seen = {}
+    monkeypatch.setattr(prefs, "generate_preferences", lambda base, output, section, device="cpu": seen.update(
+        device=device) or {"pairs": 0})
+    assert main(["data", "prefs", f"output_dir={tmp_path / 'p'}", "device=cpu"]) == 0
+    assert seen == {"device": "cpu"}
+    assert main(["data", "prefs", f"output_dir={tmp_path / 'q'}", "device=gpu0"]) == 2

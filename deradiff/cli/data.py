@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _prefs(args: argparse.Namespace) -> int:
     from deradiff.data.prefs import generate_preferences
+    from deradiff.eval.stage import resolve_device
     from deradiff.fileio import check_output_dir, check_results_absent, remove_outputs
     from deradiff.models.pipelines import resolve_base_model
 
@@ -35,7 +36,7 @@ def _prefs(args: argparse.Namespace) -> int:
     with OutputDirLock(out):
         check_results_absent(out, (PREFS_FILE,), cfg.overwrite)  # again: another run may have finished into it meanwhile
         remove_outputs(out, (PREFS_FILE,))  # an overwrite never leaves the old pairs to pass for the new run's
-        result = generate_preferences(base, str(output), cfg.generate)
+        result = generate_preferences(base, str(output), cfg.generate, device=resolve_device(cfg.device))
     print(json.dumps(result, indent=2))
     return 0
 

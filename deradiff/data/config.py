@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deradiff.config import check_min, check_positive, check_seed, option
+from deradiff.config import check_device, check_min, check_positive, check_seed, option
 
 
 @dataclass
@@ -44,7 +44,9 @@ class PrefsConfig:
                                                     "current directory)")
     base_model: str = option("tiny", "model that samples the pairs: 'tiny' or a diffusers folder")
     generate: PrefsSection = option(factory=PrefsSection, help="sampling and labelling")
+    device: str = option("auto", "torch device that samples the pairs: auto (cuda when available), cpu, cuda:1, ...")
     overwrite: bool = option(False, "replace an existing output_dir/train.parquet instead of refusing")
 
     def validate(self) -> None:
         self.generate.check("generate.")
+        check_device(self.device, "device")
