@@ -111,8 +111,12 @@ def load_lora(pipe: Any, lora_dir: str | Path, adapter_name: str | None = None) 
     check_lora_file(folder / weight_name)
     metadata = read_lora_metadata(folder)
     before = _adapter_names(pipe)
+    peft_layout = _from_peft_layout(folder, weight_name, pipe)
     try:
-        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+        if peft_layout is not None:
+            pipe.load_lora_weights(peft_layout, adapter_name=adapter_name)
+        else:  # diffusers' own layout, or kohya/A1111 keys (diffusers converts them)
+            pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as exc:
         if _is_shape_error(exc):
             raise DeradiffError(
@@ -127,6 +131,28 @@ def load_lora(pipe: Any, lora_dir: str | Path, adapter_name: str | None = None) 
         )
     pipe.__dict__[LORA_METADATA_ATTR] = metadata
     return metadata
+
+
+PEFT_CONFIG = "adapter_config.json"  # written beside the weights by peft's save_pretrained
+
+
+def _from_peft_layout(folder: Path, weight_name: str, pipe: Any) -> dict[str, Any] | None:
+    """The state dict of a LoRA saved by peft itself (keys `base_model.model.<module>.lora_A.weight`, or bare
+    `<module>.lora_A.weight`, with lora_alpha in adapter_config.json), in the keys diffusers loads; None for any
+    other layout. diffusers reads alpha only from its own layouts, so alpha / r is folded into lora_B (the
+    adapter's output is B A x * alpha / r either way)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / weight_name))
+    known = ("unet.", "transformer.", "text_encoder", "lora_unet_", "lora_te")
+    if any(k.startswith(known) for k in weights) or not any(".lora_A." in k for k in weights):
+        return None
+    config = folder / PEFT_CONFIG
+    peft = json.loads(config.read_text()) if config.is_file() else {}
+    scale = float(peft.get("lora_alpha", 1.0)) / float(peft.get("r", 1.0)) if "lora_alpha" in peft else 1.0
+    prefix = "unet." if getattr(pipe, "unet", None) is not None else "transformer."
+    return {prefix + k.removeprefix("base_model.model."): (v * scale if ".lora_B." in k else v)
+            for k, v in weights.items()}
 
 
 def loaded_lora_beta(pipe: Any) -> float | None:
