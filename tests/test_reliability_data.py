@@ -277,7 +277,7 @@ def test_identical_adapters_give_byte_identical_lora_files(tmp_path):
         config.target_modules = type("Ordered", (_OrderedSet,), {"order": order})(order)
         save_lora(unet, tmp_path / name, {"method": "dpo", "beta": 1.0})
         written.append({f: (tmp_path / name / f).read_bytes() for f in files_under(tmp_path / name)})
-    assert written[0].keys() == {"pytorch_lora_weights.safetensors", "deradiff_metadata.json"}
+    assert written[0].keys() == {"pytorch_lora_weights.safetensors", "deradiff_metadata.json", "README.md"}
     assert written[0] == written[1]
     with safe_open(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"), framework="pt") as f:  # still valid
         assert f.metadata()["format"] == "pt"
