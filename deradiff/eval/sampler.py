@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import torch
 
-from deradiff.losses.ddpo import gaussian_kl_same_std
 from deradiff.sampling.conditions import encode
 from deradiff.sampling.ddim import ddim_scheduler, ddim_transition
 from deradiff.sampling.guidance import ModelCall, guided
@@ -64,8 +63,7 @@ def sample(
         pred, base_pred = _predictions(model, base, x, t, conditions, settings.guidance_scale)
         step = ddim_transition(scheduler, pred, t, x, settings.eta)
         if base_pred is not None:
-            base_mean = ddim_transition(scheduler, base_pred, t, x, settings.eta).mean
-            step_kl.append(gaussian_kl_same_std(step.mean.float(), base_mean.float(), step.std.float()))
+            step_kl.append(step.kl_to(ddim_transition(scheduler, base_pred, t, x, settings.eta)))
         x = step.draw(noise.draw(device, torch.float32)).to(dtype)
     path_kl = torch.stack(step_kl).sum(0) if step_kl else torch.zeros(len(prompts))
     return SampleBatch(images=decode(pipe.vae, x).cpu(), path_kl=path_kl.cpu(), step_kl=step_kl)

@@ -141,12 +141,15 @@ def _from_peft_layout(folder: Path, weight_name: str, pipe: Any) -> dict[str, An
     `<module>.lora_A.weight`, with lora_alpha in adapter_config.json), in the keys diffusers loads; None for any
     other layout. diffusers reads alpha only from its own layouts, so alpha / r is folded into lora_B (the
     adapter's output is B A x * alpha / r either way)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / weight_name))
+    with safe_open(str(folder / weight_name), framework="pt") as f:  # keys only: other layouts load elsewhere
+        keys = list(f.keys())
     known = ("unet.", "transformer.", "text_encoder", "lora_unet_", "lora_te")
-    if any(k.startswith(known) for k in weights) or not any(".lora_A." in k for k in weights):
+    if any(k.startswith(known) for k in keys) or not any(".lora_A." in k for k in keys):
         return None
+    weights = load_file(str(folder / weight_name))
     config = folder / PEFT_CONFIG
     peft = json.loads(config.read_text()) if config.is_file() else {}
     scale = float(peft.get("lora_alpha", 1.0)) / float(peft.get("r", 1.0)) if "lora_alpha" in peft else 1.0

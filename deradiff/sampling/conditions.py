@@ -6,6 +6,7 @@ here, so a family is supported everywhere once it is supported here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,8 +28,10 @@ class Conditions:
     def guided(self) -> bool:
         return self.uncond is not None
 
+    @functools.cached_property
     def inputs(self) -> Inputs:
-        """The rows one denoiser call sees: [uncond; cond] with guidance (as diffusers batches them), else cond."""
+        """The rows one denoiser call sees: [uncond; cond] with guidance (as diffusers batches them), else cond.
+        Built once: every step of a loop calls the denoiser with the same conditions."""
         if self.uncond is None:
             return self.cond
         return _zip(lambda u, c: torch.cat([u, c]), self.uncond, self.cond)

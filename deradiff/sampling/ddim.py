@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
-from deradiff.losses.ddpo import gaussian_log_prob
+from deradiff.losses.ddpo import gaussian_kl_same_std, gaussian_log_prob
 
 
 def ddim_scheduler(config: Any, steps: int) -> DDIMScheduler:
@@ -48,6 +48,11 @@ class Transition:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log N(x; mean, std^2 I) summed over every non-batch dim (nats): FloatTensor[B]."""
         return gaussian_log_prob(x, self.mean, self.std)
+
+    def kl_to(self, other: "Transition") -> torch.Tensor:
+        """KL(self || other) of two steps from the same x_t (same std), in fp32 or wider, summed over every
+        non-batch dim (nats): FloatTensor[B]."""
+        return gaussian_kl_same_std(self.mean.float(), other.mean.float(), self.std.float())
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

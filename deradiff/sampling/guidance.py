@@ -30,7 +30,7 @@ def guided(call: ModelCall, x: torch.Tensor, t: torch.Tensor, conditions: Condit
     if not conditions.guided:
         return call(x, t, conditions.cond)
     t = torch.cat([t, t]) if t.ndim else t
-    out = call(torch.cat([x, x]), t, conditions.inputs())
+    out = call(torch.cat([x, x]), t, conditions.inputs)
     if isinstance(out, tuple):
         return tuple(_guide(o, scale) for o in out)
     return _guide(out, scale)

@@ -14,7 +14,6 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from deradiff.losses.ddpo import gaussian_kl_same_std
 from deradiff.sampling.conditions import Conditions
 from deradiff.sampling.ddim import ddim_transition
 from deradiff.sampling.guidance import guided, unet_call
@@ -81,7 +80,7 @@ def sample_with_logprob(
             with reference():
                 ref = ddim_transition(scheduler, guided(model, latents[-1], t_rows, conditions, guidance_scale),
                                       t, latents[-1], eta)
-            kls.append(gaussian_kl_same_std(step.mean, ref.mean, step.std))
+            kls.append(step.kl_to(ref))
         latents.append(x)
     return Trajectory(
         latents=torch.stack(latents, dim=1),

@@ -15,14 +15,13 @@ import torch
 
 from deradiff.losses.ddpo import (
     PerPromptStatTracker,
-    gaussian_kl_same_std,
     kl_regularized_reward,
     ppo_clipped_loss,
 )
 from deradiff.models.lora import adapter_disabled, unwrap
 from deradiff.models.training import training_resolution
 from deradiff.sampling.conditions import Conditions, encode
-from deradiff.sampling.ddim import ddim_scheduler, ddim_transition
+from deradiff.sampling.ddim import Transition, ddim_scheduler, ddim_transition
 from deradiff.sampling.guidance import guided, unet_call
 from deradiff.sampling.latents import decode, latent_shape
 from deradiff.sampling.rollout import Trajectory, sample_with_logprob
@@ -157,13 +156,13 @@ class DDPOEngine:
         metrics = {"ppo_loss": float(stats.loss), "clip_fraction": float(stats.clip_fraction),
                    "approx_kl": float(stats.approx_kl)}
         if cfg.ddpo.kl_in == "loss" and cfg.ddpo.beta > 0:
-            kl_term = self._kl_term(step.mean, step.std, x_t, t, conditions, rnd.reward_scale)
+            kl_term = self._kl_term(step, x_t, t, conditions, rnd.reward_scale)
             loss = loss + kl_term
             metrics["kl_loss"] = float(kl_term.detach())
         return loss, metrics
 
-    def _kl_term(self, mean: torch.Tensor, std: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 conditions: Conditions, reward_scale: float) -> torch.Tensor:
+    def _kl_term(self, step: Transition, x_t: torch.Tensor, t: torch.Tensor, conditions: Conditions,
+                 reward_scale: float) -> torch.Tensor:
         """beta * KL_t / (D * std): the same scale as the per-dimension, std-normalised PPO term.
 
         PPO's gradient at ratio 1 is -A/D * grad log p with A = (r - baseline)/std, i.e. grad E[r] / (D std);
@@ -172,8 +171,8 @@ class DDPOEngine:
         The gradient flows through mu_lora at fixed x_t (pathwise; the dependence of x_t on theta is not
         differentiated, as in DPOK).
         """
-        with torch.no_grad(), adapter_disabled(self.model) as ref:
-            ref_eps = guided(unet_call(ref), x_t, t.to(x_t.device), conditions, self.cfg.sample.guidance_scale)
-            ref_mean = ddim_transition(self.scheduler, ref_eps, t, x_t, self.cfg.sample.eta).mean
-        kl = gaussian_kl_same_std(mean, ref_mean, std)
+        with torch.no_grad(), adapter_disabled(self.model) as base:
+            ref_eps = guided(unet_call(base), x_t, t.to(x_t.device), conditions, self.cfg.sample.guidance_scale)
+            ref = ddim_transition(self.scheduler, ref_eps, t, x_t, self.cfg.sample.eta)
+        kl = step.kl_to(ref)
         return self.cfg.ddpo.beta * kl.mean() / (self.latent_dims * reward_scale)

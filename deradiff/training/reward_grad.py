@@ -56,7 +56,6 @@ class ChainLoss:
     def __call__(self, micro_step: int) -> tuple["torch.Tensor", dict[str, float]]:
         import torch
 
-        from deradiff.losses.ddpo import gaussian_kl_same_std
         from deradiff.models.lora import adapter_disabled
         from deradiff.sampling.ddim import ddim_transition
         from deradiff.sampling.guidance import guided, unet_call
@@ -76,7 +75,7 @@ class ChainLoss:
             step = ddim_transition(self.scheduler, pred, t, x, s.eta)
             with adapter_disabled(self.model) as ref:  # same x_t, grad flows through x_t into earlier steps
                 ref_pred = guided(unet_call(ref), x, t_rows, conditions, s.guidance_scale)
-            kl = kl + gaussian_kl_same_std(step.mean, ddim_transition(self.scheduler, ref_pred, t, x, s.eta).mean, step.std)
+            kl = kl + step.kl_to(ddim_transition(self.scheduler, ref_pred, t, x, s.eta))
             x = step.draw(torch.randn(x.shape, generator=gen).to(self.device))
         images = decode(self.pipe.vae, x)
         reward = self.reward_fn.with_grad(images, prompts)
